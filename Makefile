@@ -1,0 +1,42 @@
+# Two commands a user needs: `make demo` and `make test`. Each builds .venv
+# first (torch==2.13.0 before anything else, so no resolver can swap in a
+# multi-GB CUDA build), then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/longrecipe data fetch demo
+	$(BIN)/longrecipe run configs/demo.yaml
+
+test: venv
+	$(BIN)/longrecipe data fetch demo
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+lint: venv
+	$(BIN)/ruff check longrecipe flows tasks tests bench
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) data/artifacts data/prefect
