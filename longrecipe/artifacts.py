@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -432,6 +431,8 @@ class ArtifactStore:
             if not self.fs.isdir(stage_dir):
                 continue
             stage = stage_dir.rstrip("/").split("/")[-1]
+            if stage.startswith(("_", ".")):  # not a stage (e.g. _prefect results)
+                continue
             for entry in self.fs.ls(stage_dir, detail=False):
                 name = entry.rstrip("/").split("/")[-1]
                 key = name.split(".")[0]
@@ -496,6 +497,3 @@ def code_version() -> str:
         _CODE_VERSION = version
     return _CODE_VERSION
 
-
-def remove_tree(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
 from longrecipe.config import IngestConfig, ModelSpec, RuntimeConfig, SourceSpec
+from longrecipe.errors import InputError
 from longrecipe.models import ModelSource, load_tokenizer, resolve
 from longrecipe.progress import progress_bar
 
@@ -42,7 +43,7 @@ DOCUMENTS_SCHEMA = pa.schema(
 SENTENCE_END_CHARS = (".", "!", "?", "。", "！", "？")
 
 
-class IngestError(ValueError):
+class IngestError(InputError):
     """Bad corpus input; the message names the file and the line or row."""
 
 

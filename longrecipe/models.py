@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from longrecipe.artifacts import ArtifactRef, canonical_json
 from longrecipe.config import ModelSpec, TinyModelConfig
+from longrecipe.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EOS, PAD, BOS = "<|eos|>", "<|pad|>", "<|bos|>"
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model source that cannot be used (missing, not a model, unsupported)."""
 
 

@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline, the comparison, evaluate-only."""

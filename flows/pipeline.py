@@ -1,0 +1,101 @@
+"""The LongRecipe pipeline as a Prefect flow:
+ingest -> analyze -> build -> train -> anneal -> merge -> evaluate -> report.
+
+Each stage is a task whose cache key is the stage's content key, so a rerun
+(or `prefect flow-run retry`) finds finished stages Cached and resumes the
+unfinished one from its last part or checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from longrecipe.artifacts import ArtifactStore
+from longrecipe.config import BuildConfig, PipelineConfig, RuntimeConfig, load_config
+from tasks import stages
+from tasks.common import results_dir
+
+STAGES = ("ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report")
+
+
+def _run_name() -> str:
+    p = flow_run.parameters
+    name = Path(str(p.get("config", "run"))).stem
+    overrides = p.get("overrides") or []
+    return name + (f" [{', '.join(overrides)}]" if overrides else "")
+
+
+@flow(name="longrecipe-pipeline", flow_run_name=_run_name, log_prints=True)
+def pipeline(
+    config: str,
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    until: str | None = None,
+    device: str = "auto",
+    fail_once_at: str | None = None,
+) -> dict[str, dict]:
+    """Run the recipe in CONFIG (YAML, with `key.path=value` overrides) up to `until`."""
+    cfg = load_config(config, overrides or [])
+    runtime = RuntimeConfig(device=device, fail_once_at=fail_once_at)
+    return run_stages(cfg, ArtifactStore(store).root, runtime, until)
+
+
+def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: str | None = None) -> dict[str, dict]:
+    """Wire the stage tasks; returns every finished stage's artifact (stage, key, uri)."""
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    t = {name: getattr(stages, name).with_options(result_storage=results_dir(store)) for name in STAGES}
+    out: dict[str, dict] = {}
+    common = dict(store=store, runtime=runtime)
+
+    out["ingest"] = t["ingest"](cfg.ingest, cfg.model, **common)
+    if last >= 1:
+        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common)
+    if last >= 2:
+        analysis = out["analyze"] if cfg.build.method == "longrecipe" else None
+        out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common)
+    if last >= 3:
+        out["train"] = t["train"](cfg.train, out["build"], cfg.model, **common)
+    if last >= 4:
+        replay_docs = out["ingest"]
+        if cfg.anneal.replay.sources:
+            replay_docs = t["ingest"].with_options(task_run_name="ingest-replay")(
+                cfg.anneal.replay, cfg.model, **common
+            )
+        out["replay"] = t["build"].with_options(task_run_name="build-replay")(
+            replay_build_config(cfg), replay_docs, None, **common
+        )
+        out["anneal"] = t["anneal"](cfg.anneal, out["train"], out["replay"], **common)
+    if last >= 5:
+        out["merge"] = t["merge"](cfg.merge, cfg.model, out["anneal"], **common)
+    if last >= 6:
+        models = {"base": cfg.model, "merged": out["merge"]}
+        out["evaluate"] = t["evaluate"](cfg.evaluate, models, out["ingest"], **common)
+    if last >= 7:
+        runs = {k: v for k, v in out.items()}
+        out["report"] = {"stage": "report", "key": "-", "uri": t["report"](cfg.report, runs, store)}
+    return out
+
+
+def replay_build_config(cfg: PipelineConfig) -> BuildConfig:
+    """Replay samples: contiguous `full` windows at the annealing length."""
+    a = cfg.anneal
+    n = a.num_samples or a.optim.max_steps * a.optim.batch_size * a.optim.grad_accum
+    return BuildConfig(
+        method="full", train_len=a.train_len, target_len=a.train_len, seed=cfg.build.seed,
+        num_samples=n, split="train",
+    )
+
+
+def run_pipeline(cfg_path: str | Path, overrides: list[str] | None = None, store: str | None = None,
+                 until: str | None = None, device: str = "auto") -> dict[str, dict]:
+    """Entry point of `longrecipe run`: the flow on the temporary local API."""
+    return pipeline(config=str(cfg_path), overrides=list(overrides or []), store=store, until=until, device=device)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(run_pipeline(sys.argv[1], sys.argv[2:]))

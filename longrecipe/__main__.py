@@ -1,0 +1,3 @@
+from longrecipe.cli import main
+
+main()

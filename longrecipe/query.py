@@ -1,0 +1,188 @@
+"""Read-only SQL over the store: one DuckDB view per table plus `artifacts`.
+
+Each table view unions that table over every finished artifact (every
+version), with `stage` and `key` columns in front. The `artifacts` view has
+one row per manifest. Only reading statements are accepted, so a query can
+never write into the store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from longrecipe.artifacts import ArtifactRef, ArtifactStore
+from longrecipe.errors import InputError
+
+# Statement types that only read. Everything else (COPY, EXPORT, ATTACH, CREATE,
+# INSERT, SET, LOAD, INSTALL, ...) is refused before it runs.
+_READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA"}
+
+
+class QueryError(InputError):
+    """A statement that is refused or fails."""
+
+
+def connect(store: ArtifactStore) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the store's views."""
+    con = duckdb.connect(":memory:")
+    if not store.is_local:
+        con.register_filesystem(store.fs)
+    refs = list(store.iter_refs())
+    _artifacts_view(con, refs)
+    by_table: dict[str, list[ArtifactRef]] = {}
+    for ref in refs:
+        for table in ref.tables():
+            by_table.setdefault(table, []).append(ref)
+    for table, trefs in sorted(by_table.items()):
+        selects = []
+        for ref in trefs:
+            files = ", ".join(_sql_str(f) for f in ref.files(table))
+            selects.append(
+                f"SELECT {_sql_str(ref.stage)} AS stage, {_sql_str(ref.key)} AS key, * "
+                f"FROM read_parquet([{files}])"
+            )
+        con.execute(f'CREATE VIEW "{table}" AS ' + " UNION ALL BY NAME ".join(selects))
+    # Nothing below may change settings (e.g. re-enable writes): lock them.
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(store: ArtifactStore, sql: str) -> pa.Table:
+    """Run one or more reading statements; the result of the last one as an Arrow table."""
+    con = connect(store)
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(f"cannot parse the query: {e}") from None
+    if not statements:
+        raise QueryError("empty query")
+    for st in statements:
+        kind = st.type.name
+        if kind not in _READ_ONLY:
+            raise QueryError(
+                f"refused: {kind} statements are not allowed; `longrecipe query` only reads "
+                "(write results elsewhere with --out FILE)"
+            )
+    result = None
+    try:
+        for st in statements:
+            rel = con.sql(st.query)
+            result = rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.Error as e:
+        raise QueryError(str(e).splitlines()[0]) from None
+    finally:
+        con.close()
+    return result
+
+
+def write_result(table: pa.Table, fmt: str, out: str | None, store: ArtifactStore) -> str | None:
+    """Render a result as table/csv/json/parquet to a file or return text for stdout."""
+    if out is not None and store.is_local:
+        target = Path(out).resolve()
+        if target == Path(store.root) or Path(store.root) in target.parents:
+            raise QueryError(f"refused: --out {out} is inside the store {store.root}")
+    if fmt == "parquet":
+        if out is None:
+            raise QueryError("--format parquet needs --out FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out)
+        return None
+    if fmt == "csv":
+        text = _to_csv(table)
+    elif fmt == "json":
+        text = json.dumps(table.to_pylist(), default=str, indent=1)
+    elif fmt == "table":
+        text = _to_text_table(table)
+    else:
+        raise QueryError(f"unknown format {fmt!r}: table, csv, json or parquet")
+    if out is None:
+        return text
+    Path(out).write_text(text)
+    return None
+
+
+def _artifacts_view(con: duckdb.DuckDBPyConnection, refs: list[ArtifactRef]) -> None:
+    rows = []
+    for r in refs:
+        m = r.manifest
+        rows.append(
+            {
+                "stage": r.stage,
+                "key": r.key,
+                "stage_version": m.get("stage_version"),
+                "created_at": m.get("created_at"),
+                "seconds": (m.get("timings") or {}).get("seconds"),
+                "code_version": m.get("code_version"),
+                "inputs": json.dumps(m.get("inputs", {}), sort_keys=True),
+                "config": json.dumps(m.get("config"), sort_keys=True),
+                "tables": json.dumps(m.get("tables", {}), sort_keys=True),
+                "info": json.dumps(m.get("info", {}), sort_keys=True),
+                "files": len(m.get("files", [])),
+                "bytes": sum(f["size"] for f in m.get("files", [])),
+                "path": r.uri,
+            }
+        )
+    schema = pa.schema(
+        [
+            ("stage", pa.string()), ("key", pa.string()), ("stage_version", pa.string()),
+            ("created_at", pa.string()), ("seconds", pa.float64()), ("code_version", pa.string()),
+            ("inputs", pa.string()), ("config", pa.string()), ("tables", pa.string()),
+            ("info", pa.string()), ("files", pa.int64()), ("bytes", pa.int64()), ("path", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    con.register("_artifacts_arrow", table)
+    # JSON columns typed as JSON so `config->>'$.method'` works.
+    con.execute(
+        "CREATE VIEW artifacts AS SELECT stage, key, stage_version, "
+        "CAST(created_at AS TIMESTAMPTZ) AS created_at, seconds, code_version, "
+        "CAST(inputs AS JSON) AS inputs, CAST(config AS JSON) AS config, "
+        "CAST(tables AS JSON) AS tables, CAST(info AS JSON) AS info, files, bytes, path "
+        "FROM _artifacts_arrow"
+    )
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _cell(v, width: int = 60) -> str:
+    s = "NULL" if v is None else str(v)
+    s = s.replace("\n", "\\n")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _to_text_table(table: pa.Table, max_rows: int = 200) -> str:
+    names = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
+    cells = [[_cell(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    line = "  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    more = table.num_rows - len(rows)
+    out.append(f"({table.num_rows} rows" + (f", {more} not shown; use --format csv" if more else "") + ")")
+    return "\n".join(out)
+
+
+def _to_csv(table: pa.Table) -> str:
+    import io
+
+    import pyarrow.csv as pacsv
+
+    # CSV cannot hold lists: render nested columns as JSON text.
+    cols = []
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_struct(col.type):
+            col = pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.Table.from_arrays(cols, names=table.column_names), buf)
+    return buf.getvalue().decode()
+

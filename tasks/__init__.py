@@ -1,0 +1,1 @@
+"""Prefect tasks: one per stage (tasks.stages); shared helpers in tasks.common."""

@@ -1,0 +1,193 @@
+"""One thin Prefect task per stage. Each body: call the library's run_<stage>,
+publish a summary artifact, return the artifact as a small dict."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from longrecipe.artifacts import ArtifactStore
+from longrecipe.config import (
+    AnalyzeConfig,
+    AnnealConfig,
+    BuildConfig,
+    EvaluateConfig,
+    IngestConfig,
+    MergeConfig,
+    ModelSpec,
+    ReportConfig,
+    RuntimeConfig,
+    TrainConfig,
+)
+from longrecipe.models import resolve
+from tasks.common import RefDict, load_ref, maybe_fail, ref_dict, stage_task_options, summarize
+
+
+def _store(p) -> ArtifactStore:
+    return ArtifactStore(p["store"])
+
+
+# -- ingest
+def _ingest_spec(store, p):
+    from longrecipe.ingest import ingest_spec
+
+    return ingest_spec(p["cfg"], resolve(p["model"]))
+
+
+@task(name="ingest", task_run_name="ingest", **stage_task_options(_ingest_spec))
+def ingest(cfg: IngestConfig, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Read and tokenize the corpus into `documents`."""
+    from longrecipe.ingest import run_ingest
+
+    maybe_fail("ingest", store, runtime)
+    ref = run_ingest(cfg, model, ArtifactStore(store), runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- analyze
+def _analyze_spec(store, p):
+    from longrecipe.analyze import analyze_spec, reference_source
+
+    model = resolve(p["model"])
+    return analyze_spec(p["cfg"], load_ref(store, p["documents"]), model, reference_source(p["cfg"]))
+
+
+@task(name="analyze", task_run_name="analyze", **stage_task_options(_analyze_spec))
+def analyze(cfg: AnalyzeConfig, documents: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Score tokens and flag impactful ones: token_scores, token_stats, sentences."""
+    from longrecipe.analyze import run_analyze
+
+    maybe_fail("analyze", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_analyze(cfg, load_ref(s, documents), model, s, runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- build
+def _build_spec(store, p):
+    from longrecipe.build import build_spec
+
+    return build_spec(p["cfg"], load_ref(store, p["documents"]), load_ref(store, p["analysis"]))
+
+
+@task(name="build", task_run_name="build-{cfg.method}", **stage_task_options(_build_spec))
+def build(cfg: BuildConfig, documents: RefDict, analysis: RefDict | None, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Make training samples with their position ids."""
+    from longrecipe.build import run_build
+
+    maybe_fail("build", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_build(cfg, load_ref(s, documents), load_ref(s, analysis), s, runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- train
+def _train_spec(store, p):
+    from longrecipe.train import train_spec
+
+    return train_spec(p["cfg"], load_ref(store, p["samples"]), resolve(p["model"]))
+
+
+@task(name="train", task_run_name="train", **stage_task_options(_train_spec))
+def train(cfg: TrainConfig, samples: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Context-extension training on the samples (stage 0)."""
+    from longrecipe.train import run_train
+
+    maybe_fail("train", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_train(cfg, load_ref(s, samples), model, s, runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- anneal
+def _anneal_spec(store, p):
+    from longrecipe.anneal import anneal_spec
+
+    return anneal_spec(p["cfg"], load_ref(store, p["model"]), load_ref(store, p["replay"]))
+
+
+@task(name="anneal", task_run_name="anneal", **stage_task_options(_anneal_spec))
+def anneal(cfg: AnnealConfig, model: RefDict, replay: RefDict, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Anneal the trained model on replay data, learning rate to zero (stage 1)."""
+    from longrecipe.anneal import run_anneal
+
+    maybe_fail("anneal", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_anneal(cfg, load_ref(s, model), load_ref(s, replay), s, runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- merge
+def _merge_spec(store, p):
+    from longrecipe.merge import merge_spec
+
+    return merge_spec(p["cfg"], resolve(p["original"]), load_ref(store, p["annealed"]))
+
+
+@task(name="merge", task_run_name="merge", **stage_task_options(_merge_spec))
+def merge(cfg: MergeConfig, original: ModelSpec, annealed: RefDict, store: str, runtime: RuntimeConfig) -> RefDict:
+    """Average the original and annealed weights (stage 2)."""
+    from longrecipe.merge import run_merge
+
+    maybe_fail("merge", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_merge(cfg, original, load_ref(s, annealed), s, runtime)
+    summarize(ref)
+    return ref_dict(ref)
+
+
+# -- evaluate
+def _models(store, models: dict) -> dict:
+    """Labels to models: a RefDict (a model artifact) or a ModelSpec."""
+    return {k: (load_ref(store, v) if isinstance(v, dict) and "key" in v else v) for k, v in models.items()}
+
+
+def _evaluate_spec(store, p):
+    from longrecipe.evaluate import evaluate_spec
+
+    models = {k: resolve(v) for k, v in _models(store, p["models"]).items()}
+    return evaluate_spec(p["cfg"], models, load_ref(store, p["documents"]))
+
+
+@task(name="evaluate", task_run_name="evaluate", **stage_task_options(_evaluate_spec))
+def evaluate(cfg: EvaluateConfig, models: dict, documents: RefDict | None, store: str, runtime: RuntimeConfig) -> RefDict:
+    """NIAH / RULER / perplexity / retention for each model."""
+    from longrecipe.evaluate import run_evaluate
+
+    maybe_fail("evaluate", store, runtime)
+    s = ArtifactStore(store)
+    ref = run_evaluate(cfg, _models(s, models), s, runtime, documents=load_ref(s, documents))
+    summarize(ref)
+    publish_scores(ref)
+    return ref_dict(ref)
+
+
+def publish_scores(ref) -> None:
+    """A Prefect table artifact of the mean score per model, suite and length."""
+    from longrecipe.report import score_table
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        rows = score_table(ref)
+        create_table_artifact(rows, key=f"scores-{ref.key}", description=f"evaluation {ref.key}")
+    except Exception as e:  # a nicety, never a failure
+        from tasks.common import _log
+
+        _log(f"could not create the score table artifact: {e}")
+
+
+# -- report
+@task(name="report", task_run_name="report", persist_result=False)
+def report(cfg: ReportConfig, runs: dict, store: str) -> str:
+    """Write the Markdown report for this run; returns its path."""
+    from longrecipe.report import write_run_report
+    from prefect.artifacts import create_markdown_artifact
+
+    s = ArtifactStore(store)
+    path, md = write_run_report(cfg, {k: load_ref(s, v) for k, v in runs.items()}, s)
+    create_markdown_artifact(md, key="report", description=f"report {path}")
+    return str(path)
