@@ -74,8 +74,8 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
         models = {"base": cfg.model, "merged": out["merge"]}
         out["evaluate"] = t["evaluate"](cfg.evaluate, models, out["ingest"], **common)
     if last >= 7:
-        runs = {k: v for k, v in out.items()}
-        out["report"] = {"stage": "report", "key": "-", "uri": t["report"](cfg.report, runs, store)}
+        trainings = {"train": out["train"], "anneal": out["anneal"]}
+        out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store, title=f"{cfg.name} report")
     return out
 
 
@@ -90,9 +90,10 @@ def replay_build_config(cfg: PipelineConfig) -> BuildConfig:
 
 
 def run_pipeline(cfg_path: str | Path, overrides: list[str] | None = None, store: str | None = None,
-                 until: str | None = None, device: str = "auto") -> dict[str, dict]:
+                 until: str | None = None, device: str = "auto", fail_once_at: str | None = None) -> dict[str, dict]:
     """Entry point of `longrecipe run`: the flow on the temporary local API."""
-    return pipeline(config=str(cfg_path), overrides=list(overrides or []), store=store, until=until, device=device)
+    return pipeline(config=str(cfg_path), overrides=list(overrides or []), store=store, until=until,
+                    device=device, fail_once_at=fail_once_at)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def run(
     ] = None,
     store: StoreOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    fail_once_at: Annotated[str | None, typer.Option(hidden=True, help="Testing: make STAGE fail once.")] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow on a temporary local API (no server needed).
 
@@ -81,7 +82,8 @@ def run(
     from flows.pipeline import run_pipeline
 
     try:
-        result = run_pipeline(config, set_ or [], store=store_obj.root, until=until, device=device)
+        result = run_pipeline(config, set_ or [], store=store_obj.root, until=until, device=device,
+                              fail_once_at=fail_once_at)
     except InputError as e:
         _fail(str(e), 2)
     except Exception as e:  # a stage failed: Prefect has logged the traceback

@@ -46,10 +46,11 @@ def ingest(cfg: IngestConfig, model: ModelSpec, store: str, runtime: RuntimeConf
 
 # -- analyze
 def _analyze_spec(store, p):
-    from longrecipe.analyze import analyze_spec, reference_source
+    from longrecipe.analyze import analyze_spec
 
-    model = resolve(p["model"])
-    return analyze_spec(p["cfg"], load_ref(store, p["documents"]), model, reference_source(p["cfg"]))
+    cfg = p["cfg"]
+    reference = resolve(cfg.reference) if cfg.method == "logit_delta" and cfg.reference else None
+    return analyze_spec(cfg, load_ref(store, p["documents"]), resolve(p["model"]), reference)
 
 
 @task(name="analyze", task_run_name="analyze", **stage_task_options(_analyze_spec))
@@ -168,8 +169,9 @@ def evaluate(cfg: EvaluateConfig, models: dict, documents: RefDict | None, store
 
 def publish_scores(ref) -> None:
     """A Prefect table artifact of the mean score per model, suite and length."""
-    from longrecipe.report import score_table
     from prefect.artifacts import create_table_artifact
+
+    from longrecipe.report import score_table
 
     try:
         rows = score_table(ref)
@@ -181,13 +183,24 @@ def publish_scores(ref) -> None:
 
 
 # -- report
-@task(name="report", task_run_name="report", persist_result=False)
-def report(cfg: ReportConfig, runs: dict, store: str) -> str:
-    """Write the Markdown report for this run; returns its path."""
-    from longrecipe.report import write_run_report
+def _report_spec(store, p):
+    from longrecipe.report import report_spec
+
+    evals = [load_ref(store, r) for r in p["evaluations"]]
+    return report_spec(p["cfg"], evals, {k: load_ref(store, v) for k, v in p["trainings"].items()})
+
+
+@task(name="report", task_run_name="report", **stage_task_options(_report_spec))
+def report(cfg: ReportConfig, evaluations: list[RefDict], trainings: dict[str, RefDict], store: str,
+           title: str = "longrecipe report") -> RefDict:
+    """Scores and training costs as Markdown with plots."""
     from prefect.artifacts import create_markdown_artifact
 
+    from longrecipe.report import run_report
+
     s = ArtifactStore(store)
-    path, md = write_run_report(cfg, {k: load_ref(s, v) for k, v in runs.items()}, s)
-    create_markdown_artifact(md, key="report", description=f"report {path}")
-    return str(path)
+    ref = run_report(cfg, [load_ref(s, r) for r in evaluations],
+                     {k: load_ref(s, v) for k, v in trainings.items()}, s, title)
+    md = (ref.path / "files" / "report.md").read_text()
+    create_markdown_artifact(md, key=f"report-{ref.key}", description=title)
+    return ref_dict(ref)
