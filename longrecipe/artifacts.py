@@ -173,7 +173,10 @@ class StageWriter:
         final = self._part_path(table, index)
         tmp = f"{final}.inprogress-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(f"{self.work}/{table}", exist_ok=True)
-        pq.write_table(data, tmp, filesystem=self.fs, compression="zstd")
+        # Dictionary encoding only pays for flat columns; on long list columns (token ids)
+        # it costs time and bytes.
+        flat = [f.name for f in data.schema if not pa.types.is_nested(f.type)]
+        pq.write_table(data, tmp, filesystem=self.fs, compression="zstd", use_dictionary=flat)
         self.fs.mv(tmp, final)
 
     def write_table(self, table: str, data: pa.Table) -> None:
