@@ -6,6 +6,8 @@ only when a stage that needs them runs.
 
 __version__ = "0.1.0"
 
+from longrecipe.analyze import AnalyzeError, run_analyze  # noqa: E402
+from longrecipe.anneal import run_anneal  # noqa: E402
 from longrecipe.artifacts import (  # noqa: E402
     ArtifactError,
     ArtifactRef,
@@ -14,6 +16,7 @@ from longrecipe.artifacts import (  # noqa: E402
     StageWriter,
     stage_key,
 )
+from longrecipe.build import BuildError, check_samples, run_build  # noqa: E402
 from longrecipe.config import (  # noqa: E402
     AnalyzeConfig,
     AnnealConfig,
@@ -33,38 +36,58 @@ from longrecipe.config import (  # noqa: E402
     TrainConfig,
     load_config,
 )
+from longrecipe.evaluate import EvaluateError, run_evaluate  # noqa: E402
 from longrecipe.ingest import IngestError, run_ingest  # noqa: E402
+from longrecipe.merge import MergeError, run_merge  # noqa: E402
 from longrecipe.models import ModelError, load_model, load_tokenizer, resolve  # noqa: E402
+from longrecipe.positions import InvariantError  # noqa: E402
+from longrecipe.rope import RopeError, apply_rope  # noqa: E402
+from longrecipe.train import TrainError, run_train  # noqa: E402
 
 __all__ = [
     "AnalyzeConfig",
+    "AnalyzeError",
     "AnnealConfig",
     "ArtifactError",
     "ArtifactRef",
     "ArtifactStore",
     "BuildConfig",
+    "BuildError",
     "ConfigError",
     "EvaluateConfig",
+    "EvaluateError",
     "IngestConfig",
     "IngestError",
+    "InvariantError",
     "MergeConfig",
+    "MergeError",
     "ModelError",
     "ModelSpec",
     "OptimConfig",
     "PipelineConfig",
     "ReportConfig",
     "RopeConfig",
+    "RopeError",
     "RuntimeConfig",
     "SourceSpec",
     "StageSpec",
     "StageWriter",
     "TinyModelConfig",
     "TrainConfig",
+    "TrainError",
     "__version__",
+    "apply_rope",
+    "check_samples",
     "load_config",
     "load_model",
     "load_tokenizer",
     "resolve",
+    "run_analyze",
+    "run_anneal",
+    "run_build",
+    "run_evaluate",
     "run_ingest",
+    "run_merge",
+    "run_train",
     "stage_key",
 ]

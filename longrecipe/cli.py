@@ -92,6 +92,38 @@ def run(
         typer.echo(f"{stage:9s} {ref['key']}  {ref['uri']}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Pipeline recipe (YAML); its `compare` section lists the methods.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set compare.methods=[full,longrecipe] (repeatable)."),
+    ] = None,
+    store: StoreOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Compare methods (full, randomized, pose, longrecipe) on one recipe: shared ingest and
+    analysis, then each method's samples, training and evaluation, and one report."""
+    from longrecipe.config import load_config
+
+    try:
+        load_config(config, set_ or [])
+    except InputError as e:
+        _fail(str(e), 2)
+    store_obj = _store(store)
+    prefect_env(store_obj.root)
+    from flows.compare import compare as compare_flow
+
+    try:
+        out = compare_flow(config=str(config), overrides=set_ or [], store=store_obj.root, device=device)
+    except InputError as e:
+        _fail(str(e), 2)
+    except Exception as e:
+        _fail(f"{type(e).__name__}: {e}", 1)
+    report = out["report"]
+    typer.echo(f"report    {report['key']}  {report['uri']}/files/report.md")
+
+
 def prefect_env(store_root: str) -> None:
     """Keep Prefect on loopback, quiet and inside the project (see PREFECT_NOTES)."""
     home = os.environ.get("PREFECT_HOME") or str(Path(store_root).parent / "prefect")

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from longrecipe.errors import InputError
+
 
 class Frozen(BaseModel):
     """Base of every config: immutable, strict about unknown keys, documented fields."""
@@ -21,7 +23,7 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that does not validate; the message names file, field and line."""
 
 
@@ -61,21 +63,37 @@ class ModelSpec(Frozen):
 
 
 class RopeConfig(Frozen):
-    """A RoPE change applied before training and saved with the model."""
+    """A RoPE change applied before training and saved with the model (transformers'
+    `rope_parameters`)."""
 
     type: Literal["default", "linear", "yarn", "llama3", "dynamic"] = "default"
-    """RoPE variant. `dynamic` is refused for training (it rescales per batch, so gapped
-    position ids make results depend on batch order)."""
+    """RoPE variant. `default` with a new `theta` is the paper's recipe (raise the base).
+    `dynamic` is refused for training (it rescales per batch, so gapped position ids make
+    results depend on batch order); the analysis may use it for a reference model."""
     theta: float | None = Field(None, gt=0)
-    """New RoPE base; None keeps the model's."""
-    factor: float | None = Field(None, gt=0)
-    """Scaling factor for linear / yarn / llama3 / dynamic."""
+    """New RoPE base (rope_theta); None keeps the model's."""
+    factor: float | None = Field(None, ge=1)
+    """Scaling factor for linear / yarn / llama3 / dynamic; None derives it as the target
+    window divided by the original window."""
     original_max_position_embeddings: int | None = Field(None, ge=1)
-    """The window the model was trained at (yarn, llama3); None takes the model's current one."""
-    low_freq_factor: float = 1.0
-    """llama3 only."""
-    high_freq_factor: float = 4.0
-    """llama3 only."""
+    """The window the model was pre-trained at (yarn, llama3, and the derived factor); None
+    takes the model's own (its rope_parameters' original window, else its
+    max_position_embeddings)."""
+    low_freq_factor: float = Field(1.0, gt=0)
+    """llama3 only: wavelengths above original window / low_freq_factor are divided by factor."""
+    high_freq_factor: float = Field(4.0, gt=0)
+    """llama3 only: wavelengths below original window / high_freq_factor are kept."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RopeConfig:
+        if self.type == "default" and self.factor is not None:
+            raise ValueError(
+                "rope.factor is only used by rope.type linear, yarn, llama3 or dynamic; "
+                "with type 'default' change rope.theta instead"
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("rope.high_freq_factor must be above rope.low_freq_factor")
+        return self
 
 
 # --------------------------------------------------------------------------- stages
@@ -122,66 +140,147 @@ class AnalyzeConfig(Frozen):
     """`logit_delta` (the paper: reference minus base log-prob), `lsd` (one model, LongPPL:
     long minus short context), `digits` (the public code's heuristic)."""
     reference: ModelSpec | None = None
-    """Reference long-context model for `logit_delta`; None means the base model with
-    `reference_rope` applied."""
+    """Reference long-context model for `logit_delta` (same tokenizer as the base model).
+    Leave it unset and set `reference_rope` to use the base model with a RoPE change."""
     reference_rope: RopeConfig | None = None
     """RoPE change that turns the base model into the reference (logit_delta without a
     reference model)."""
     max_context: int = Field(4096, ge=8)
-    """Longest context of one long pass; longer documents are chunked (the manifest records
-    the context each token really had)."""
+    """Longest context of one long pass; longer documents are chunked into overlapping
+    windows (the `context` column records the context each token really had)."""
+    min_context: int | None = Field(None, ge=1)
+    """Least context of a token scored by a chunk after the first (None: max_context // 2).
+    Chunks overlap by this much, so the long pass costs max_context / (max_context -
+    min_context) times a single pass."""
     short_window: int = Field(256, ge=1)
-    """W: tokens of context in the short pass (lsd)."""
+    """W: the most tokens of context in the short pass (lsd)."""
     short_stride: int = Field(64, ge=1)
-    """S: targets scored per short window (smaller is closer to exact, slower)."""
-    selection: Literal["top_fraction", "threshold"] = "top_fraction"
-    """How impactful tokens are picked from the scores."""
+    """S: targets scored per short window; a target sees W - S + 1 to W tokens. Smaller is
+    closer to exact and slower (the short pass forwards about (W + 1) / S tokens per token)."""
+    selection: Literal["auto", "top_fraction", "threshold"] = "auto"
+    """How impactful tokens are picked from the scores. `auto`: top_fraction for
+    logit_delta (the paper), threshold for lsd (LongPPL); digits ignores it."""
     top_fraction: float = Field(0.2, gt=0, le=1)
-    """Share of each document's tokens flagged impactful (selection=top_fraction)."""
+    """Share of each document's scored tokens flagged impactful, rounded up
+    (selection=top_fraction)."""
     threshold: float = 2.0
-    """Score above which a token is impactful (logit_delta, selection=threshold)."""
+    """logit_delta threshold: the score (nats) must exceed it (selection=threshold)."""
     lsd_alpha: float = 2.0
-    """lsd threshold: LSD must exceed it (selection=threshold)."""
+    """lsd threshold: LSD (nats) must exceed it (selection=threshold)."""
     lsd_beta: float = -2.0
     """lsd threshold: the long log-probability must exceed it (selection=threshold)."""
-    batch_size: int = Field(4, ge=1)
-    """Sequences per forward pass."""
+    batch_tokens: int = Field(8192, ge=8)
+    """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
     shard_docs: int = Field(16, ge=1)
     """Documents per resumable part."""
     max_documents: int | None = Field(None, ge=1)
     """Analyse only the first N training documents."""
 
+    @model_validator(mode="after")
+    def _consistent(self) -> AnalyzeConfig:
+        if self.method == "logit_delta":
+            if self.reference is None and self.reference_rope is None:
+                raise ValueError(
+                    "analyze.method=logit_delta needs a reference model: set analyze.reference "
+                    "(a local model) or analyze.reference_rope (a RoPE change of the base model)"
+                )
+            if self.reference is not None and self.reference_rope is not None:
+                raise ValueError(
+                    "analyze.reference and analyze.reference_rope are both set: use one"
+                )
+            rope = self.reference_rope
+            if rope is not None and rope.type == "default" and rope.theta is None:
+                raise ValueError(
+                    "analyze.reference_rope changes nothing: set theta, or a type with a factor"
+                )
+            if rope is not None and rope.type != "default" and rope.factor is None:
+                raise ValueError(
+                    f"analyze.reference_rope.factor is needed for rope type {rope.type!r}"
+                )
+        if self.min_context is not None and self.min_context >= self.max_context:
+            raise ValueError(
+                f"analyze.min_context ({self.min_context}) must be below analyze.max_context "
+                f"({self.max_context})"
+            )
+        if self.method == "lsd":
+            if self.short_stride > self.short_window:
+                raise ValueError(
+                    f"analyze.short_stride ({self.short_stride}) must not exceed "
+                    f"analyze.short_window ({self.short_window})"
+                )
+            if self.short_window > self.long_min_context:
+                raise ValueError(
+                    f"analyze.short_window ({self.short_window}) must not exceed the least long "
+                    f"context (analyze.min_context, default max_context // 2 = "
+                    f"{self.long_min_context}): else the long pass can see less than the short"
+                )
+        return self
+
+    @property
+    def long_min_context(self) -> int:
+        """The least context of a token scored after the first chunk of the long pass."""
+        return self.min_context if self.min_context is not None else self.max_context // 2
+
+    @property
+    def effective_selection(self) -> str:
+        """`selection` with `auto` resolved for the method."""
+        if self.method == "digits":
+            return "digits"
+        if self.selection != "auto":
+            return self.selection
+        return "top_fraction" if self.method == "logit_delta" else "threshold"
+
 
 class BuildConfig(Frozen):
-    """Position-index sample building."""
+    """Position-index sample building (docs/build.md)."""
 
     method: Literal["full", "randomized", "pose", "longrecipe"] = "longrecipe"
-    """Sampling scheme (see docs and REFERENCE)."""
+    """Sampling scheme: `full` (FLT: target_len contiguous tokens at positions
+    0..target_len-1), `randomized` (RPES: train_len tokens at sorted random distinct
+    positions), `pose` (train_len tokens in two chunks, the second shifted by a random
+    skip), `longrecipe` (kept sentences, head of rt tokens, gaps between sentences)."""
     train_len: int = Field(300, ge=2)
-    """Tokens per training sample (full uses target_len)."""
+    """Tokens per training sample; must be below target_len. Ignored by `full`."""
     target_len: int = Field(1024, ge=2)
-    """The context window to extend to; every position id is below it."""
+    """The context window to extend to; every position id is below it. `full` samples
+    are this long."""
     seed: int = 2027
-    """Seed of every random choice of the stage."""
+    """Seed of every random choice of the stage (keep decisions, heads, gaps, skips)."""
     keep_ratio: float = Field(0.5, ge=0, le=1)
-    """longrecipe: probability of keeping a sentence with no impactful token."""
+    """longrecipe: probability of keeping a sentence with no impactful token (the public
+    code drops half); sentences with an impactful token are always kept."""
     head_rule: Literal["random", "fixed", "none"] = "random"
     """longrecipe: the first rt tokens keep positions 0..rt-1; `random` draws rt uniform in
     [1, (train_len+1)//2] (the public code), `fixed` uses head_len, `none` means rt = 1."""
     head_len: int = Field(1, ge=1)
-    """rt for head_rule=fixed."""
+    """rt for head_rule=fixed; at most train_len."""
     gap_rule: Literal["random", "source"] = "random"
-    """longrecipe: `random` spreads the remaining positions as random gaps between kept
-    sentences; `source` gives each token its real offset in the document, scaled into the
-    target window when the document is longer."""
+    """longrecipe: `random` spreads all target_len - train_len spare positions as random
+    gaps between kept sentences (the last position is target_len - 1); `source` makes each
+    gap the number of tokens really skipped in the document, scaled down when they add up
+    to more than target_len - train_len (0 where a sample crosses into the next document)."""
     num_samples: int | None = Field(None, ge=1)
-    """Stop after this many samples."""
+    """Stop after this many samples (None: as many whole samples as the documents hold)."""
     num_tokens: int | None = Field(None, ge=1)
-    """Stop after this many tokens (whichever of num_samples/num_tokens comes first)."""
+    """Stop once this many tokens are built, rounded up to whole samples (whichever of
+    num_samples/num_tokens comes first)."""
     split: Literal["train", "heldout", "all"] = "train"
-    """Which documents to draw from."""
+    """Which documents to draw from (documents.split)."""
     shard_samples: int = Field(256, ge=1)
-    """Samples per resumable part."""
+    """Samples per resumable Parquet part."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> BuildConfig:
+        if self.method != "full" and self.train_len >= self.target_len:
+            raise ValueError(
+                f"build.train_len ({self.train_len}) must be below build.target_len "
+                f"({self.target_len}) for method {self.method!r}"
+            )
+        if self.method == "longrecipe" and self.head_rule == "fixed" and self.head_len > self.train_len:
+            raise ValueError(
+                f"build.head_len ({self.head_len}) must not exceed build.train_len ({self.train_len})"
+            )
+        return self
 
 
 class OptimConfig(Frozen):
@@ -190,31 +289,50 @@ class OptimConfig(Frozen):
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate (AdamW)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """After warmup: constant, cosine to zero, or linear to zero."""
+    """After warmup: constant, cosine to zero, or linear to zero (transformers' schedules:
+    step k runs at the schedule's value after k - 1 steps, so it is exactly zero after the
+    last step)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from zero, in optimizer steps."""
     max_steps: int = Field(10, ge=1)
-    """Optimizer steps."""
+    """Optimizer steps. The samples are cycled (reshuffled each epoch) when they run out."""
     batch_size: int = Field(1, ge=1)
-    """Samples per micro-batch."""
+    """Samples per micro-batch and process (shorter samples are right-padded)."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step. The loss is the mean over every label token of
+    the step, so accumulation equals one big batch."""
     max_grad_norm: float | None = Field(1.0, gt=0)
-    """Gradient clipping (None: off)."""
+    """Gradient clipping (None: off; the norm is still recorded)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     seed: int = 2027
-    """Seed of initialisation-free randomness (data order, dropout)."""
+    """Seed of the data order (and of dropout, where a model has any)."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast with fp32 master weights, or plain fp32."""
+    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU); fp32: no autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     checkpoint_every: int = Field(0, ge=0)
-    """Save a resumable checkpoint every N optimizer steps (0: never)."""
+    """Save a resumable checkpoint every N optimizer steps (0: never). A rerun after a
+    kill resumes from the last one."""
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """auto: flash_attention_2 with CUDA and flash-attn, else sdpa."""
+    num_processes: int = Field(1, ge=1)
+    """Processes (GPUs) to train on. Above 1 the stage runs itself under `accelerate
+    launch` in a subprocess; the global batch is batch_size x grad_accum x num_processes."""
+    accelerate_config: str | None = None
+    """An accelerate config file (e.g. configs/accelerate/deepspeed-zero3-offload.yaml);
+    when set, the stage runs under `accelerate launch --config_file` even on one process."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimConfig:
+        if self.schedule != "constant" and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
+                f"({self.max_steps}) for a schedule that decays"
+            )
+        return self
 
 
 class TrainConfig(Frozen):
@@ -223,11 +341,13 @@ class TrainConfig(Frozen):
     optim: OptimConfig = OptimConfig()
     """Optimisation settings."""
     rope: RopeConfig | None = None
-    """RoPE change applied before training (None: keep the model's)."""
+    """RoPE change applied before training and saved with the model (None: keep the
+    model's RoPE; the window still becomes max_position_embeddings)."""
     max_position_embeddings: int | None = Field(None, ge=1)
-    """Saved with the model; None takes build.target_len."""
+    """The trained model's window, saved in its config; None takes the samples' target
+    (build.target_len). Must not be below the base model's window."""
     save_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the saved weights."""
+    """dtype of the saved weights (training itself keeps fp32 master weights)."""
 
 
 class AnnealConfig(Frozen):
@@ -236,9 +356,9 @@ class AnnealConfig(Frozen):
     optim: OptimConfig = OptimConfig(lr=5e-6, schedule="linear")
     """Optimisation settings; the schedule must end at zero (linear or cosine)."""
     replay: IngestConfig = IngestConfig()
-    """The general replay corpus."""
+    """The general replay corpus (no sources: the main corpus is replayed)."""
     train_len: int = Field(256, ge=2)
-    """Length of replay samples (contiguous positions)."""
+    """Length of replay samples (method `full`: contiguous positions)."""
     num_samples: int | None = Field(None, ge=1)
     """Replay samples to build (None: as many as max_steps needs)."""
     save_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -255,33 +375,61 @@ class MergeConfig(Frozen):
     """Weighted average of the original and the annealed weights (stage 2)."""
 
     weight: float = Field(0.5, ge=0, le=1)
-    """Weight of the annealed model; the original gets 1 - weight (paper code: 0.5)."""
+    """Weight of the annealed model; the original gets 1 - weight (paper code: 0.5).
+    The merged folder keeps the annealed model's config (its RoPE and window)."""
 
 
 class EvaluateConfig(Frozen):
-    """Long-context evaluation."""
+    """Long-context evaluation: NIAH grid, RULER tasks, perplexity by length, retention."""
 
     suites: list[Literal["niah", "ruler", "perplexity", "retention"]] = ["niah", "perplexity"]
-    """Which suites to run."""
-    lengths: list[int] = [256, 512, 1024]
-    """Context lengths (tokens, input plus answer)."""
+    """Which suites to run, in this order."""
+    lengths: list[int] = [512, 1024, 2048]
+    """Context lengths in tokens of the evaluated model's tokenizer (input plus tokens to
+    generate) for niah, ruler and perplexity; the NIAH heatmap's columns."""
     depths: int = Field(10, ge=1)
-    """NIAH: evenly spaced needle depths from 0 to 100%."""
+    """NIAH: this many evenly spaced needle depths from 0 to 100% (the heatmap's rows)."""
     haystack: Literal["essay", "corpus", "noise"] = "noise"
-    """NIAH haystack: RULER's essays (fetched at run time), the ingested corpus, or RULER's
-    noise line."""
-    ruler_tasks: list[str] = []
+    """NIAH haystack: RULER's Paul Graham essays (`longrecipe data fetch ruler`), the held-out
+    documents of the ingested corpus, or RULER's noise line repeated."""
+    niah_samples: int = Field(1, ge=1)
+    """NIAH: needles per (length, depth) cell, each with its own key and number."""
+    niah_max_new_tokens: int = Field(32, ge=1)
+    """NIAH: tokens to generate (counted in the length budget)."""
+    ruler_tasks: list[
+        Literal[
+            "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+            "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
+            "vt", "cwe", "fwe", "qa_1", "qa_2",
+        ]
+    ] = []
     """RULER tasks to run (empty: all 13)."""
     samples: int = Field(4, ge=1)
     """Samples per RULER task and length (RULER uses 500)."""
     seed: int = 42
-    """Seed of every generated input."""
+    """Seed of every generated input (RULER's default: 42)."""
+    stop_at_newline: bool = True
+    """End an answer at its first line break once it has some text (NIAH and RULER's
+    single-answer tasks); EOS always ends it. Off: generate until EOS or the task's limit."""
     batch_size: int = Field(1, ge=1)
-    """Prompts per generation batch."""
+    """Prompts per generation batch, and documents per perplexity forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and activations; auto: bfloat16 on CUDA, float32 on CPU."""
     retention_length: int = Field(256, ge=8)
     """Context length of the retention (short-context perplexity) suite."""
     max_documents: int = Field(8, ge=1)
-    """Held-out documents used by perplexity and retention."""
+    """Held-out documents per perplexity length and for retention: the first N that have
+    at least that many tokens."""
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> EvaluateConfig:
+        if not self.lengths:
+            raise ValueError("evaluate.lengths is empty: give at least one context length")
+        if any(n < 8 for n in self.lengths) or len(set(self.lengths)) != len(self.lengths):
+            raise ValueError(f"evaluate.lengths must be distinct and >= 8 (got {self.lengths})")
+        if len(set(self.suites)) != len(self.suites):
+            raise ValueError(f"evaluate.suites names a suite twice (got {self.suites})")
+        return self
 
 
 class ReportConfig(Frozen):
@@ -289,6 +437,19 @@ class ReportConfig(Frozen):
 
     format: Literal["markdown", "html"] = "markdown"
     """Output format."""
+
+
+class CompareConfig(Frozen):
+    """The paper's comparison (flows/compare.py): one ingest and analysis, then each method's
+    samples, training and evaluation, at the same number of samples, optimizer steps and so
+    target windows covered."""
+
+    methods: list[Literal["full", "randomized", "pose", "longrecipe"]] = [
+        "full", "randomized", "pose", "longrecipe"]
+    """Methods to compare; each uses the `build` section with its `method` replaced."""
+    through: Literal["train", "merge"] = "train"
+    """Evaluate each method's model after training only (stage 0), or after annealing and
+    merging (stages 1 and 2)."""
 
 
 class PipelineConfig(Frozen):
@@ -314,6 +475,8 @@ class PipelineConfig(Frozen):
     """Evaluation."""
     report: ReportConfig = ReportConfig()
     """Report."""
+    compare: CompareConfig = CompareConfig()
+    """The method comparison (flows/compare.py)."""
 
 
 class RuntimeConfig(Frozen):
@@ -327,6 +490,9 @@ class RuntimeConfig(Frozen):
     """Show progress bars."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (None: torch's default)."""
+    fail_once_at: str | None = None
+    """Testing aid: make this stage's task raise once (a marker in the store remembers), to
+    exercise resume. Never set it in a recipe you mean to run."""
 
 
 # --------------------------------------------------------------------------- loading

@@ -26,7 +26,9 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("-" if speed is None else f"{speed:,.1f} {self.unit}/s")
+        if speed is None and task.elapsed:  # rich's estimate is empty before two samples
+            speed = task.completed / task.elapsed
+        return Text("-" if not speed else f"{speed:,.1f} {self.unit}/s")
 
 
 class Bar:
