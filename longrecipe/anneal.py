@@ -1,0 +1,68 @@
+"""Annealing (the paper's stage 1): the training loop again, on general replay data,
+with a learning rate that decays to zero.
+
+The input model is the `train` artifact: its RoPE and window are kept as they are
+(nothing is re-applied). The replay samples are `full` samples built at a short
+length from a general corpus, so their positions are contiguous. The public code
+says it decays the rate but holds it constant; AnnealConfig refuses `constant`.
+"""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+
+from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
+from longrecipe.config import AnnealConfig, RuntimeConfig
+from longrecipe.models import resolve
+from longrecipe.train import TrainError, check_weights, launch, needs_launch, produce, train_model
+
+STAGE = "anneal"
+STAGE_VERSION = "anneal_v1"
+
+
+def anneal_spec(cfg: AnnealConfig, model: ArtifactRef, replay_samples: ArtifactRef) -> StageSpec:
+    return StageSpec(STAGE, STAGE_VERSION, cfg, {"model": model.key, "replay": replay_samples.key})
+
+
+def run_anneal(
+    cfg: AnnealConfig,
+    model: ArtifactRef,
+    replay_samples: ArtifactRef,
+    store: ArtifactStore,
+    runtime: RuntimeConfig = RuntimeConfig(),
+) -> ArtifactRef:
+    """Continue training the trained model on replay samples, learning rate to zero."""
+    return _run_anneal(cfg, model, replay_samples, store, runtime, launched=False)
+
+
+def _run_anneal(cfg, model, replay_samples, store, runtime, *, launched: bool) -> ArtifactRef:
+    src = resolve(model)
+    check_weights(src)
+    check_replay(replay_samples)
+    spec = anneal_spec(cfg, model, replay_samples)
+    if not launched and needs_launch(cfg.optim):
+        inputs = {"model": model, "replay_samples": replay_samples}
+        return launch(STAGE, cfg, inputs, spec, store, runtime)
+
+    def body(w: StageWriter) -> None:
+        train_model(
+            src, replay_samples, cfg.optim, w, runtime,
+            rope=None, target=None, save_dtype=cfg.save_dtype, label=STAGE,
+            launched=launched,
+        )
+
+    return produce(store, spec, body)
+
+
+def check_replay(samples: ArtifactRef) -> None:
+    """Replay samples must be `full` samples (contiguous positions)."""
+    if "samples" not in samples.tables():
+        raise TrainError(f"{samples.stage}/{samples.key} has no `samples` table to replay")
+    methods = pc.unique(samples.read_table("samples", columns=["method"]).column("method"))
+    other = [m for m in methods.to_pylist() if m != "full"]
+    if other:
+        raise TrainError(
+            f"{samples.stage}/{samples.key}: anneal replays `full` samples (contiguous "
+            f"positions from a general corpus), got method {other[0]!r}; build the replay "
+            "samples with build.method=full at the annealing length"
+        )
