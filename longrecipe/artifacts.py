@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -43,6 +44,7 @@ MANIFEST_FORMAT = "longrecipe.manifest/1"
 STORE_ENV = "LONGRECIPE_STORE"
 DEFAULT_ROOT = "data/artifacts"
 KEY_HEX = 16
+log = logging.getLogger("longrecipe")
 
 
 class ArtifactError(RuntimeError):
@@ -320,15 +322,18 @@ class ArtifactStore:
         (finished parts) for the next run and nothing that looks finished.
         """
         key = spec.key
-        ref = self.get(spec.stage, key)
+        ref = self.get(spec.stage, key, verify=True)
         if ref is not None:
             return ref
         with self._lock(spec.stage, key, lock_timeout):
-            ref = self.get(spec.stage, key)
-            if ref is not None:
-                return ref
             final = self.dir(spec.stage, key)
-            if self.fs.exists(final):  # a corrupt or manifest-less leftover: never reused
+            ref = self._load(spec.stage, key)
+            if ref is not None:
+                problems = self.verify(ref)
+                if not problems:
+                    return ref  # another process finished it while we waited
+                self._quarantine(ref, problems)
+            elif self.fs.exists(final):  # a manifest-less leftover: never reused
                 self.fs.rm(final, recursive=True)
             work = f"{final}.partial"
             self.fs.makedirs(work, exist_ok=True)
@@ -336,6 +341,14 @@ class ArtifactStore:
             started = time.time()
             body(writer)
             return self._commit(spec, writer, started)
+
+    def _quarantine(self, ref: ArtifactRef, problems: list[str]) -> str:
+        """Move a corrupt artifact aside (kept for inspection until `gc`) so it is recomputed."""
+        aside = f"{ref.uri}.corrupt-{uuid.uuid4().hex[:8]}"
+        self.fs.mv(ref.uri, aside, recursive=True)
+        log.warning("%s/%s failed verification (%s): moved to %s, recomputing",
+                    ref.stage, ref.key, "; ".join(problems), aside)
+        return aside
 
     def _commit(self, spec: StageSpec, w: StageWriter, started: float) -> ArtifactRef:
         final = self.dir(spec.stage, spec.key)
@@ -444,6 +457,7 @@ class ArtifactStore:
                 finished = self._load(stage, key) is not None
                 drop = (
                     ".tmp-" in name
+                    or ".corrupt-" in name
                     or (name.endswith(".partial") and (finished or partial))
                     or (name.endswith(".lock") and (finished or partial))
                     or ("." not in name and not finished)

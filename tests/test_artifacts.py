@@ -116,6 +116,12 @@ def test_verify_detects_flipped_byte_and_get_treats_it_as_missing(store):
     problems = store.verify(ref)
     assert problems == ["t/part-00000.parquet: sha256 differs"]
     assert store.get("demo", spec.key, verify=True) is None
+    # produce() never reuses it: the corrupt folder is moved aside and the stage recomputed
+    fixed = store.produce(spec, lambda w: w.write_table("t", _table(100)))
+    assert store.verify(fixed) == [] and fixed.read_table("t").num_rows == 100
+    aside = [p for p in os.listdir(ref.path.parent) if ".corrupt-" in p]
+    assert len(aside) == 1
+    assert any(".corrupt-" in p for p in store.gc())
     part.unlink()
     assert store.get("demo", spec.key) is None  # size check alone catches a missing file
 
