@@ -34,7 +34,7 @@ def test_deploy_and_run_through_a_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api, DO_NOT_TRACK="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
-               LONGRECIPE_STORE=str(store), OMP_NUM_THREADS="1", PWD=str(ROOT))
+               LONGRECIPE_STORE=str(store), OMP_NUM_THREADS="1", PWD=str(ROOT), COLUMNS="250")
     server = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port),
                                          "--analytics-off"], cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
