@@ -26,7 +26,7 @@ demo: venv
 	$(BIN)/longrecipe run configs/demo.yaml
 
 test: venv
-	$(BIN)/longrecipe data fetch demo
+	$(BIN)/longrecipe data fetch all
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
@@ -36,7 +36,8 @@ lint: venv
 	$(BIN)/ruff check longrecipe flows tasks tests bench
 
 bench: venv
-	$(BIN)/python bench/run.py
+	$(BIN)/longrecipe data fetch demo
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) data/artifacts data/prefect
