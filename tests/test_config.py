@@ -88,3 +88,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
     p.write_text("build: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/accelerate").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    assert cfg["num_processes"] >= 1 and cfg["mixed_precision"] == "bf16"
