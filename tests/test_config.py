@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from longrecipe.config import ConfigError, PipelineConfig, RuntimeConfig, load_config
 from longrecipe.artifacts import stage_key
+from longrecipe.config import ConfigError, PipelineConfig, RuntimeConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -72,7 +72,9 @@ def test_overrides_apply_and_bad_overrides_are_named(tmp_path):
 
 def test_configs_are_frozen_and_runtime_never_enters_a_key():
     cfg = PipelineConfig()
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.build.train_len = 5  # type: ignore[misc]
     # the runtime config is not part of any stage section
     assert "device" not in cfg.model_dump()["build"]

@@ -33,7 +33,7 @@ def test_jsonl_documents_table(tmp_path, store, tiny_spec):
     tok = byte_tokenizer()
     assert r["input_ids"] == tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     assert r["n_tokens"] == len(r["input_ids"])
-    sentences = [tok.decode(r["input_ids"][a:b]) for a, b in zip([0] + r["sentence_ends"][:-1], r["sentence_ends"])]
+    sentences = [tok.decode(r["input_ids"][a:b]) for a, b in zip([0] + r["sentence_ends"][:-1], r["sentence_ends"], strict=True)]
     assert sentences == ["One fish.", " Two fish!", " Red fish?\n", "Blue fish."]
     assert r["source"] == f"{p}:1"
 
