@@ -67,28 +67,18 @@ def run(
     Finished stages are reused from the store (and show as Cached); a failed run
     resumes from its last finished part or checkpoint when run again.
     """
-    from longrecipe.config import load_config
-
     if until is not None and until not in STAGES:
         _fail(f"--until {until!r}: choose one of {', '.join(STAGES)}", 2)
     if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device {device!r}: choose auto, cpu or cuda", 2)
-    try:
-        load_config(config, set_ or [])  # fail fast on a bad recipe, before Prefect starts
-    except InputError as e:
-        _fail(str(e), 2)
-    store_obj = _store(store)
-    prefect_env(store_obj.root)
-    from flows.pipeline import run_pipeline
 
-    try:
-        result = run_pipeline(config, set_ or [], store=store_obj.root, until=until, device=device,
-                              fail_once_at=fail_once_at)
-    except InputError as e:
-        _fail(str(e), 2)
-    except Exception as e:  # a stage failed: Prefect has logged the traceback
-        _fail(f"{type(e).__name__}: {e}", 1)
-    for stage, ref in result.items():
+    def start(root: str) -> dict:
+        from flows.pipeline import run_pipeline
+
+        return run_pipeline(config, set_ or [], store=root, until=until, device=device,
+                            fail_once_at=fail_once_at)
+
+    for stage, ref in _run_flow(config, set_ or [], store, start).items():
         typer.echo(f"{stage:9s} {ref['key']}  {ref['uri']}")
 
 
@@ -104,24 +94,33 @@ def compare(
 ) -> None:
     """Compare methods (full, randomized, pose, longrecipe) on one recipe: shared ingest and
     analysis, then each method's samples, training and evaluation, and one report."""
+
+    def start(root: str) -> dict:
+        from flows.compare import compare as compare_flow
+
+        return compare_flow(config=str(config), overrides=set_ or [], store=root, device=device)
+
+    report = _run_flow(config, set_ or [], store, start)["report"]
+    typer.echo(f"report    {report['key']}  {report['uri']}/files/report.md")
+
+
+def _run_flow(config: Path, overrides: list[str], store: str | None, start) -> dict:
+    """Validate the recipe before Prefect starts, set Prefect's environment, run the flow;
+    bad input exits 2, a failed stage 1."""
     from longrecipe.config import load_config
 
     try:
-        load_config(config, set_ or [])
+        load_config(config, overrides)
     except InputError as e:
         _fail(str(e), 2)
-    store_obj = _store(store)
-    prefect_env(store_obj.root)
-    from flows.compare import compare as compare_flow
-
+    root = _store(store).root
+    prefect_env(root)
     try:
-        out = compare_flow(config=str(config), overrides=set_ or [], store=store_obj.root, device=device)
+        return start(root)
     except InputError as e:
         _fail(str(e), 2)
-    except Exception as e:
+    except Exception as e:  # a stage failed: Prefect has logged the traceback
         _fail(f"{type(e).__name__}: {e}", 1)
-    report = out["report"]
-    typer.echo(f"report    {report['key']}  {report['uri']}/files/report.md")
 
 
 def prefect_env(store_root: str) -> None:

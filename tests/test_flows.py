@@ -201,3 +201,24 @@ def test_flipped_byte_recomputes_that_stage_and_says_why(tmp_path, reference):
     assert {k.split("/")[0] for k in got} == {"ingest", "analyze", "build"}
     assert got == {k: ref_content[k] for k in got}
     assert pq.read_table(part).num_rows > 0 and json.loads((fixed.path / "manifest.json").read_text())
+
+
+def test_compare_flow_shares_stages_and_reports_cost_vs_full(tmp_path):
+    store = tmp_path / "store"
+    r = subprocess.run([sys.executable, "-m", "longrecipe", "compare", "configs/tiny.yaml", "--store", str(store),
+                        "--device", "cpu", "--set", "compare.methods=[full, pose, longrecipe]",
+                        "--set", "train.optim.max_steps=2"],
+                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = ArtifactStore(store)
+    count = {st: len(list(s.iter_refs(st))) for st in ("ingest", "analyze", "build", "train", "evaluate")}
+    # one shared ingest and analysis; per method its samples, training and evaluation (+ base)
+    assert count == {"ingest": 1, "analyze": 1, "build": 3, "train": 3, "evaluate": 4}
+    methods = {ref.manifest["config"]["method"] for ref in s.iter_refs("build")}
+    assert methods == {"full", "pose", "longrecipe"}
+    report = next(s.iter_refs("report")).path / "files" / "report.md"
+    text = report.read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "TFLOPs" not in line}
+    assert "1.00" in rows["full"] and rows["longrecipe"].count("|") > 5
+    ratio = float(rows["longrecipe"].split("|")[7])
+    assert 0 < ratio < 0.5  # 300-token samples vs 1,024: a fraction of full-length cost
