@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench study clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ lint: venv
 bench: venv
 	$(BIN)/longrecipe data fetch demo
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The efficacy study (docs/study.md): about 25 minutes on 2 CPU cores.
+study: venv
+	$(BIN)/longrecipe data fetch demo
+	$(BIN)/python studies/extension/run.py --no-gate
 
 clean:
 	rm -rf $(VENV) data/artifacts data/prefect

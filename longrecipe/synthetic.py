@@ -1,4 +1,5 @@
-"""Synthetic text we write ourselves: the tiny recipe's corpus and test fixtures.
+"""Synthetic text we write ourselves: the tiny recipe's corpus, test fixtures, and
+pass-key retrieval documents in the evaluation's NIAH wording (the extension study).
 
 Sentences mix names, counts and filler, so that some tokens (numbers, names
 repeated from far back) depend on long context and others do not.
@@ -38,4 +39,72 @@ def write_filler_corpus(path: str | Path, n_docs: int = 12, sentences: int = 40,
     with open(path, "w") as fh:
         for d in range(n_docs):
             fh.write(json.dumps({"text": filler_document(rng, d, sentences)}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- retrieval text
+#
+# Pass-key documents for pretraining and extension data. They use the evaluate stage's
+# own NIAH wording, haystack fitting and needle placement (longrecipe.evaluate.niah), so an
+# evaluation measures exactly what was learned: a document is a NIAH prompt followed by
+# its answer. Keys and numbers come from the same generator, seeded with a different
+# seed, so no training needle repeats an evaluation needle (evaluations use seed 42).
+
+ANSWER_SUFFIX = ".\n"
+"""What follows the pass key in a retrieval document: the answer ends its line."""
+
+
+def retrieval_document(prompt: str, value: str) -> str:
+    """A NIAH prompt with its answer: what a model trained on it learns to continue."""
+    return f"{prompt} {value}{ANSWER_SUFFIX}"
+
+
+def retrieval_documents(
+    tokenizer,
+    lengths: list[int],
+    *,
+    seed: int,
+    haystack=None,
+    answer_tokens: int | None = None,
+) -> list[str]:
+    """One pass-key document per entry of `lengths`, each about that many tokens long
+    (within a few tokens) with the needle at a uniformly random depth.
+
+    `haystack` is a `longrecipe.evaluate.niah.Haystack` (default: RULER's noise line, the
+    classic pass-key filler). `answer_tokens` is how many tokens the answer takes with
+    `tokenizer` (default: measured on a sample answer); the prompt is fitted to
+    length - answer_tokens with the evaluation's own fitter. Deterministic in `seed`.
+    """
+    from longrecipe.evaluate import niah
+
+    if seed == 42:
+        raise ValueError("retrieval_documents: seed 42 is the evaluation's; pick another")
+    hay = haystack or niah.noise_haystack()
+    if answer_tokens is None:
+        answer_tokens = len(tokenizer(f" 1234567{ANSWER_SUFFIX}", add_special_tokens=False)["input_ids"])
+    rng = random.Random(seed)
+    depths = [round(rng.uniform(0.0, 100.0), 3) for _ in lengths]
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    out: list[str | None] = [None] * len(lengths)
+    for n, idx in sorted(by_length.items()):
+        # One call per length: the fitter encodes the haystack once for all its prompts.
+        # Samples are keyed by (seed, length, depth, index): distinct across calls.
+        got = niah.niah_samples(n, [depths[i] for i in idx], tokenizer, hay, samples=1,
+                                seed=seed, max_new_tokens=answer_tokens)
+        for i, s in zip(idx, got, strict=True):
+            out[i] = retrieval_document(s.prompt, s.references[0])
+    return [d for d in out if d is not None]
+
+
+def write_retrieval_corpus(path: str | Path, tokenizer, lengths: list[int], *, seed: int,
+                           haystack=None) -> Path:
+    """A JSONL corpus (field `text`) of `retrieval_documents`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = retrieval_documents(tokenizer, lengths, seed=seed, haystack=haystack)
+    with open(path, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
     return path

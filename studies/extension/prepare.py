@@ -1,0 +1,132 @@
+"""Inputs of the extension study that the library does not make: the corpus files,
+a small BPE tokenizer, and the randomly initialised short-window Llama folder.
+
+Everything is deterministic (seeded) and written only when missing, so the model
+folder's content hash, and with it every downstream artifact key, is stable across
+reruns of the study.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from longrecipe.models import BOS, EOS, PAD
+
+
+def shakespeare_chunks(folder: str | Path, chunk_chars: int) -> list[str]:
+    """The public-domain texts cut at blank lines into documents of about chunk_chars."""
+    out = []
+    for f in sorted(Path(folder).glob("*.txt")):
+        text = f.read_text(encoding="utf-8")
+        paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        cur: list[str] = []
+        size = 0
+        for p in paras:
+            cur.append(p)
+            size += len(p) + 2
+            if size >= chunk_chars:
+                out.append("\n\n".join(cur) + "\n")
+                cur, size = [], 0
+        if size >= chunk_chars // 4:  # a short tail is dropped, not a stub document
+            out.append("\n\n".join(cur) + "\n")
+    return out
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in open(path) if line.strip()]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE trained on `texts`; digits are always single tokens, so a pass key
+    is copied digit by digit whatever numbers the training text held."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD, BOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def init_model(tokenizer, shape: dict, out_dir: Path, seed: int) -> None:
+    """A randomly initialised Llama with `shape` (LlamaConfig fields), saved as a
+    Hugging Face folder (config.json, model.safetensors) beside the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def noise_passkey_texts(n: int, seed: int) -> list[str]:
+    """Character-level pass-key texts for tokenizer training only (the real documents
+    are fitted to token lengths with the trained tokenizer)."""
+    from longrecipe.evaluate import niah
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        hay = niah.noise_haystack().repeated(rng.randint(200, 3000))
+        key = f"{rng.choice(niah._ADJECTIVES)}-{rng.choice(niah._NOUNS)}"
+        value = str(rng.randint(1_000_000, 9_999_999))
+        needle = niah.NEEDLE.format(key=key, value=value)
+        cut = rng.randint(0, len(hay))
+        ctx = hay[:cut] + " " + needle + " " + hay[cut:]
+        out.append(niah.TEMPLATE.format(context=ctx, key=key) + niah.ANSWER_PREFIX.format(key=key)
+                   + f" {value}.\n")
+    return out
+
+
+def heldout_by_ingest(text: str, fraction: float) -> bool:
+    """Whether ingest puts `text` in split `heldout` (its rule: the text's sha256, read as
+    a fraction, below heldout_fraction). run.py checks the ingest agrees."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < fraction
+
+
+def interleave(pools: list[tuple[list[str], list[int], float]]) -> list[str]:
+    """Mix several (texts, token counts, share) pools so that every prefix of the result
+    (what the build stage cuts samples from, in order) holds about `share` of its tokens
+    from each pool; each pool keeps its order; stops when any pool runs out."""
+    out: list[str] = []
+    pos = [0] * len(pools)
+    got = [0] * len(pools)
+    while all(p < len(texts) for p, (texts, _, _) in zip(pos, pools, strict=True)):
+        total = sum(got)
+        i = max(range(len(pools)), key=lambda k: pools[k][2] * total - got[k])
+        texts, tokens, _ = pools[i]
+        out.append(texts[pos[i]])
+        got[i] += tokens[pos[i]]
+        pos[i] += 1
+    return out

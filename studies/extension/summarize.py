@@ -1,0 +1,348 @@
+"""Tables, confidence intervals and plots of the extension study, from the store.
+
+`python studies/extension/summarize.py [--store DIR]` reads the evaluations that
+run.py recorded (runs/evaluations-<through>.json: the compare flow's artifact keys),
+the training artifacts and their costs, and writes studies/extension/results/:
+results.md (the tables docs/study.md quotes), results.json, and three PNG plots.
+
+Uncertainty: NIAH accuracy is a proportion over prompts (depths x needles), given
+with a Wilson 95% interval; differences between two methods are paired (the same
+prompts), with a 95% interval from a bootstrap over prompts. Perplexity is the
+geometric mean over held-out documents, with a bootstrap 95% interval over documents.
+Each method was trained once (one seed): the intervals cover evaluation noise, not
+the spread between training runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ["full", "randomized", "pose", "longrecipe"]
+NAMES = {"base": "base (256)", "full": "full (FLT)", "randomized": "randomized (RPES)",
+         "pose": "PoSE", "longrecipe": "LongRecipe"}
+BOOT = 2000
+SEED = 0
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (k may be fractional: mean of scores)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def bootstrap(values: list[float], stat, rng: random.Random, n: int = BOOT) -> tuple[float, float]:
+    """Percentile 95% interval of stat over resamples of values."""
+    if not values:
+        return (math.nan, math.nan)
+    draws = sorted(stat([values[rng.randrange(len(values))] for _ in values]) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def geo_mean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(store_dir: Path) -> dict:
+    """Every result row of the study's evaluations, keyed by (variant, suite, length)."""
+    from longrecipe.artifacts import ArtifactStore
+
+    store = ArtifactStore(store_dir)
+    rows: dict[tuple, list[dict]] = defaultdict(list)
+    evals = {}
+    seen: set[str] = set()  # the base model's evaluation is shared by both runs
+    for through in ("train", "merge"):
+        f = store_dir.parent / f"evaluations-{through}.json"
+        if not f.exists():
+            continue
+        evals[through] = json.loads(f.read_text())
+        for e in evals[through]["evaluations"]:
+            if e["key"] in seen:
+                continue
+            seen.add(e["key"])
+            ref = store.require("evaluate", e["key"])
+            for r in ref.read_table("eval_results").to_pylist():
+                label = r["model"]
+                variant = label if label == "base" else f"{label}/{through}"
+                rows[(variant, r["suite"], r["length"])].append(r)
+    if not evals:
+        raise SystemExit(f"no runs/evaluations-*.json beside {store_dir}: run run.py first")
+    return {"rows": rows, "evals": evals, "store": store}
+
+
+def costs(data: dict) -> list[dict]:
+    """Training cost per method (the report stage's estimate), plus annealing when merged."""
+    from longrecipe.report import training_cost
+
+    store = data["store"]
+    out = []
+    for through, ev in data["evals"].items():
+        for method, key in ev["trainings"].items():
+            c = training_cost(method, store.require("train", key), store)
+            c["through"] = through
+            anneal = ev.get("anneals", {}).get(method)
+            if anneal:
+                a = training_cost("anneal", store.require("anneal", anneal), store)
+                c["anneal_seconds"], c["anneal_flops"] = a["seconds"], a["flops"]
+            out.append(c)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def niah_table(rows, variants, lengths) -> tuple[str, dict]:
+    lines = ["| model | " + " | ".join(f"{n}" for n in lengths) + " | 512-1024 pooled |",
+             "|---|" + "---|" * (len(lengths) + 1)]
+    out = {}
+    for v in variants:
+        cells, pooled_k, pooled_n = [], 0.0, 0
+        for n in lengths:
+            rs = rows.get((v, "niah", n), [])
+            if not rs:
+                cells.append("-")
+                continue
+            k = sum(r["score"] for r in rs) / 100
+            lo, hi = wilson(k, len(rs))
+            out[(v, n)] = dict(acc=k / len(rs), lo=lo, hi=hi, n=len(rs))
+            cells.append(f"{100 * k / len(rs):.0f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+            if n > 256:
+                pooled_k, pooled_n = pooled_k + k, pooled_n + len(rs)
+        if pooled_n:
+            lo, hi = wilson(pooled_k, pooled_n)
+            out[(v, "pooled")] = dict(acc=pooled_k / pooled_n, lo=lo, hi=hi, n=pooled_n)
+            cells.append(f"{100 * pooled_k / pooled_n:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+        else:
+            cells.append("-")
+        lines.append(f"| {label(v)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), out
+
+
+def ppl_table(rows, variants, lengths, suite: str, rng) -> tuple[str, dict]:
+    growth = len(lengths) > 1  # the length penalty: longest over shortest, same documents
+    lines = ["| model | " + " | ".join(str(n) for n in lengths)
+             + (f" | {lengths[-1]} / {lengths[0]} |" if growth else " |"),
+             "|---|" + "---|" * (len(lengths) + growth)]
+    out = {}
+    for v in variants:
+        cells = []
+        for n in lengths:
+            vals = [r["value"] for r in rows.get((v, suite, n), []) if r["value"] is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            g = geo_mean(vals)
+            lo, hi = bootstrap(vals, geo_mean, rng)
+            out[(v, n)] = dict(ppl=g, lo=lo, hi=hi, n=len(vals))
+            cells.append(f"{g:.2f} [{lo:.2f}, {hi:.2f}]")
+        if growth and (v, lengths[0]) in out and (v, lengths[-1]) in out:
+            cells.append(f"{out[(v, lengths[-1])]['ppl'] / out[(v, lengths[0])]['ppl']:.3f}")
+        lines.append(f"| {label(v)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), out
+
+
+def paired_difference(rows, a: str, b: str, lengths, rng) -> dict | None:
+    """Accuracy of a minus b on the same prompts (pooled over lengths), bootstrap 95% CI."""
+    def by_prompt(v):
+        return {(n, r["depth"], r["index"]): r["score"] / 100
+                for n in lengths for r in rows.get((v, "niah", n), [])}
+
+    pa, pb = by_prompt(a), by_prompt(b)
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        return None
+    diffs = [pa[k] - pb[k] for k in common]
+    lo, hi = bootstrap(diffs, lambda xs: sum(xs) / len(xs), rng)
+    return dict(diff=sum(diffs) / len(diffs), lo=lo, hi=hi, n=len(diffs))
+
+
+def paired_ppl_ratio(rows, a: str, b: str, length: int, rng) -> dict | None:
+    """Perplexity of a over b on the same held-out documents at one length (geometric
+    mean of per-document ratios), bootstrap 95% CI over documents."""
+    pa = {r["doc_id"]: r["value"] for r in rows.get((a, "perplexity", length), [])}
+    pb = {r["doc_id"]: r["value"] for r in rows.get((b, "perplexity", length), [])}
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        return None
+    logs = [math.log(pa[d] / pb[d]) for d in common]
+    lo, hi = bootstrap(logs, lambda xs: sum(xs) / len(xs), rng)
+    return dict(ratio=math.exp(sum(logs) / len(logs)), lo=math.exp(lo), hi=math.exp(hi),
+                n=len(common))
+
+
+def label(v: str) -> str:
+    name, _, through = v.partition("/")
+    suffix = {"train": "", "merge": " + anneal + merge"}.get(through, "")
+    return NAMES.get(name, name) + suffix
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_lines(series: dict[str, dict], lengths, ylabel: str, path: Path, key: str,
+               logy: bool = False, scale: float = 1.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, cells in series.items():
+        xs = [n for n in lengths if (v, n) in cells]
+        if not xs:
+            continue
+        ys = [scale * cells[(v, n)][key] for n in xs]
+        lo = [y - scale * cells[(v, n)]["lo"] for y, n in zip(ys, xs, strict=True)]
+        hi = [scale * cells[(v, n)]["hi"] - y for y, n in zip(ys, xs, strict=True)]
+        ls = "--" if v.endswith("/merge") else "-"
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ls=ls, capsize=3, label=label(v))
+    ax.axvline(256, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(list(lengths))
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_costs(cost_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [c for c in cost_rows if c["through"] == "train"]
+    full = next((c for c in rows if c["method"] == "full"), None)
+    if not rows or full is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [NAMES.get(c["method"], c["method"]) for c in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [c["flops"] / full["flops"] for c in rows], 0.4, label="FLOPs (est.)")
+    ax.bar([i + 0.2 for i in x], [c["seconds"] / full["seconds"] for c in rows], 0.4, label="seconds")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("relative to full-length training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default=str(HERE / "runs" / "store"))
+    args = p.parse_args(argv)
+    data = load(Path(args.store))
+    rows, rng = data["rows"], random.Random(SEED)
+    lengths = sorted({n for (_, s, n) in rows if s == "niah"})
+    ppl_lengths = sorted({n for (_, s, n) in rows if s == "perplexity"})
+    variants = ["base"] + [f"{m}/{t}" for t in ("train", "merge") for m in METHODS
+                           if any(k[0] == f"{m}/{t}" for k in rows)]
+    RESULTS.mkdir(exist_ok=True)
+
+    md = ["# Extension study: measured results", "",
+          "Generated by `python studies/extension/summarize.py` from the study's store.", ""]
+    t, niah = niah_table(rows, variants, lengths)
+    md += ["## Pass-key (NIAH) accuracy, % [Wilson 95% CI]", "", t, ""]
+    t, ppl = ppl_table(rows, variants, ppl_lengths, "perplexity", rng)
+    md += ["## Perplexity of held-out Shakespeare by length [bootstrap 95% CI over documents]",
+           "", t, ""]
+    ret_len = sorted({n for (_, s, n) in rows if s == "retention"})
+    t, ret = ppl_table(rows, variants, ret_len, "retention", rng)
+    md += [f"## Retention: perplexity at {ret_len} [bootstrap 95% CI]", "", t, ""]
+
+    long = [n for n in lengths if n > 256]
+    md += ["## Paired differences in NIAH accuracy, lengths " + ", ".join(map(str, long)),
+           "", "| comparison | difference (points) | 95% CI | prompts |", "|---|---|---|---|"]
+    diffs = {}
+    for t_ in ("train", "merge"):
+        for a, b in (("longrecipe", "pose"), ("longrecipe", "randomized"), ("longrecipe", "full"),
+                     ("pose", "randomized")):
+            d = paired_difference(rows, f"{a}/{t_}", f"{b}/{t_}", long, rng)
+            if d:
+                diffs[f"{a}-{b}/{t_}"] = d
+                md.append(f"| {label(a + '/' + t_)} - {label(b + '/' + t_)} | "
+                          f"{100 * d['diff']:+.1f} | [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] "
+                          f"| {d['n']} |")
+    md.append("")
+
+    top = max(ppl_lengths)
+    md += [f"## Paired perplexity ratios at {top} tokens (same documents)", "",
+           "| comparison | ratio | 95% CI | documents |", "|---|---|---|---|"]
+    ratios = {}
+    for t_ in ("train", "merge"):
+        for a, b in (("longrecipe", "pose"), ("longrecipe", "randomized"), ("longrecipe", "full"),
+                     ("pose", "randomized")):
+            r = paired_ppl_ratio(rows, f"{a}/{t_}", f"{b}/{t_}", top, rng)
+            if r:
+                ratios[f"{a}/{b}/{t_}"] = r
+                md.append(f"| {label(a + '/' + t_)} / {label(b + '/' + t_)} | {r['ratio']:.3f} | "
+                          f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['n']} |")
+    for m in METHODS:
+        r = paired_ppl_ratio(rows, f"{m}/train", "base", top, rng)
+        if r:
+            ratios[f"{m}/base/train"] = r
+            md.append(f"| {label(m + '/train')} / {label('base')} | {r['ratio']:.3f} | "
+                      f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['n']} |")
+    md.append("")
+
+    cost_rows = costs(data)
+    full = {c["through"]: c for c in cost_rows if c["method"] == "full"}
+    md += ["## Training cost (extension stage 0; FLOPs estimated by the report stage)", "",
+           "| method | steps | tokens | seconds | TFLOPs | FLOPs vs full | seconds vs full |",
+           "|---|---|---|---|---|---|---|"]
+    for c in cost_rows:
+        if c["through"] != "train":
+            continue
+        f = full.get("train")
+        md.append(f"| {NAMES.get(c['method'], c['method'])} | {c['steps']} | {c['tokens']:,} | "
+                  f"{c['seconds']:.0f} | {c['flops'] / 1e12:.3f} | "
+                  f"{c['flops'] / f['flops']:.2f} | {c['seconds'] / f['seconds']:.2f} |")
+    anneal = [c for c in cost_rows if c.get("anneal_seconds") is not None]
+    if anneal:
+        a = anneal[0]
+        md += ["", f"Annealing (stages 1-2, the same for every method): {a['anneal_seconds']:.0f} s, "
+               f"{a['anneal_flops'] / 1e12:.3f} TFLOPs each."]
+    md.append("")
+    (RESULTS / "results.md").write_text("\n".join(md) + "\n")
+
+    plot_lines({v: niah for v in variants}, lengths, "NIAH accuracy (%)",
+               RESULTS / "niah_accuracy.png", "acc", scale=100)
+    plot_lines({v: ppl for v in variants}, ppl_lengths, "perplexity (held-out)",
+               RESULTS / "perplexity.png", "ppl", logy=True)
+    plot_costs(cost_rows, RESULTS / "cost.png")
+    (RESULTS / "results.json").write_text(json.dumps({
+        "niah": {f"{v}@{n}": c for (v, n), c in niah.items()},
+        "perplexity": {f"{v}@{n}": c for (v, n), c in ppl.items()},
+        "retention": {f"{v}@{n}": c for (v, n), c in ret.items()},
+        "differences": diffs,
+        "perplexity_ratios": ratios,
+        "costs": cost_rows,
+        "evaluations": data["evals"],
+    }, indent=1, default=str) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The extension study's inputs: pass-key documents in the evaluation's NIAH wording,
+the corpus mixing and held-out rule it relies on, and its two recipes."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from longrecipe import IngestConfig, SourceSpec, load_config, run_ingest
+from longrecipe.evaluate import niah
+from longrecipe.models import byte_tokenizer
+from longrecipe.synthetic import ANSWER_SUFFIX, retrieval_documents, write_retrieval_corpus
+from tests.conftest import QUIET
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "studies" / "extension"
+sys.path.insert(0, str(STUDY))
+
+import prepare  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def test_retrieval_documents_are_niah_prompts_with_their_answer(tok):
+    lengths = [400, 600, 600, 900]
+    docs = retrieval_documents(tok, lengths, seed=7)
+    assert len(docs) == len(lengths)
+    head = niah.TEMPLATE.partition("{context}")[0]
+    needle = re.compile(r"One of the special magic numbers for (\S+) is: (\d{7})\.")
+    for doc, n in zip(docs, lengths, strict=True):
+        assert doc.startswith(head)
+        found = needle.findall(doc)
+        assert len(found) == 1, "exactly one needle"
+        key, value = found[0]
+        # the question asks for the needle's key, and the document ends with its value
+        assert niah.ANSWER_PREFIX.format(key=key) + f" {value}{ANSWER_SUFFIX}" in doc
+        assert doc.endswith(f" {value}{ANSWER_SUFFIX}")
+        # the evaluation's fitter: within a few tokens of the requested length, never over
+        n_tok = len(tok(doc, add_special_tokens=False)["input_ids"])
+        assert n - 8 <= n_tok <= n
+
+
+def test_retrieval_documents_depths_spread_and_seeded(tok):
+    docs = retrieval_documents(tok, [900] * 24, seed=3)
+    assert docs == retrieval_documents(tok, [900] * 24, seed=3)
+    assert docs != retrieval_documents(tok, [900] * 24, seed=4)
+    values = [re.search(r"is: (\d{7})\.", d).group(1) for d in docs]
+    assert len(set(values)) == len(values)
+    # needle position within the haystack: early and late depths both occur
+    h = len(niah.TEMPLATE.partition("{context}")[0])
+    rel = [(d.index("One of the special") - h) / (d.index("\nWhat is the special") - h)
+           for d in docs]
+    assert min(rel) < 0.2 and max(rel) > 0.7
+
+
+def test_retrieval_documents_refuse_the_evaluation_seed(tok):
+    with pytest.raises(ValueError, match="seed 42"):
+        retrieval_documents(tok, [500], seed=42)
+
+
+def test_retrieval_documents_too_short_names_the_length(tok):
+    with pytest.raises(niah.HaystackError, match="length 64 is too short"):
+        retrieval_documents(tok, [64], seed=1)
+
+
+def test_write_retrieval_corpus_is_ingestible(tmp_path, store, tiny_spec, tok):
+    path = write_retrieval_corpus(tmp_path / "r.jsonl", tok, [450, 500], seed=5)
+    ref = run_ingest(IngestConfig(sources=[SourceSpec(path=str(path))]), tiny_spec, store, QUIET)
+    docs = ref.read_table("documents").to_pylist()
+    assert [d["text"] for d in docs] == retrieval_documents(tok, [450, 500], seed=5)
+
+
+def test_heldout_rule_matches_ingest(tmp_path, store, tiny_spec):
+    """run.py keeps pass-key documents out of the held-out split by predicting ingest's
+    split; if ingest's rule changes, this fails before a study silently mixes them."""
+    texts = [f"Document number {i}. It has a sentence or two.\n" for i in range(60)]
+    prepare.write_jsonl(tmp_path / "c.jsonl", texts)
+    cfg = IngestConfig(sources=[SourceSpec(path=str(tmp_path / "c.jsonl"))], heldout_fraction=0.3)
+    got = {d["text"]: d["split"] for d in run_ingest(cfg, tiny_spec, store, QUIET)
+           .read_table("documents").to_pylist()}
+    assert {t: ("heldout" if prepare.heldout_by_ingest(t, 0.3) else "train") for t in texts} == got
+    assert 0 < sum(s == "heldout" for s in got.values()) < len(texts)
+
+
+def test_interleave_keeps_the_token_share_in_every_prefix():
+    rng = random.Random(0)
+    a = [f"a{i}" for i in range(300)]
+    b = [f"b{i}" for i in range(300)]
+    na = [rng.randint(500, 2500) for _ in a]
+    nb = [rng.randint(100, 1000) for _ in b]
+    out = prepare.interleave([(a, na, 0.6), (b, nb, 0.4)])
+    size = dict(zip(a + b, na + nb, strict=True))
+    seen_a = seen_b = 0
+    for i, d in enumerate(out):
+        seen_a += size[d] * d.startswith("a")
+        seen_b += size[d] * d.startswith("b")
+        if i >= 20:
+            assert abs(seen_b / (seen_a + seen_b) - 0.4) < 0.1
+    assert [d for d in out if d[0] == "a"] == a[: sum(d[0] == "a" for d in out)]  # order kept
+
+
+def test_shakespeare_chunks_cut_at_blank_lines(tmp_path):
+    paras = [f"PARA {i}.\n" + "word " * 40 for i in range(50)]
+    (tmp_path / "play.txt").write_text("\n\n".join(paras))
+    chunks = prepare.shakespeare_chunks(tmp_path, 1000)
+    assert len(chunks) >= 5
+    assert all(c.startswith("PARA ") for c in chunks)
+    assert all(len(c) >= 1000 for c in chunks[:-1])
+    assert "".join(chunks).count("PARA ") <= 50
+
+
+@pytest.mark.parametrize("name", ["pretrain.yaml", "study.yaml"])
+def test_study_recipes_load(name):
+    cfg = load_config(STUDY / name)
+    if name == "pretrain.yaml":
+        assert cfg.build.method == "full" and cfg.build.target_len == 256
+        assert cfg.train.max_position_embeddings == 256
+    else:
+        assert cfg.build.target_len == 1024 and cfg.build.train_len < 0.35 * 1024
+        assert cfg.compare.methods == ["full", "randomized", "pose", "longrecipe"]
+        assert cfg.analyze.method == "lsd" and cfg.analyze.max_context <= 256
+        assert cfg.evaluate.lengths == [256, 512, 768, 1024]
+        assert cfg.evaluate.haystack == "noise"
+
