@@ -222,3 +222,14 @@ def test_compare_flow_shares_stages_and_reports_cost_vs_full(tmp_path):
     assert "1.00" in rows["full"] and rows["longrecipe"].count("|") > 5
     ratio = float(rows["longrecipe"].split("|")[7])
     assert 0 < ratio < 0.5  # 300-token samples vs 1,024: a fraction of full-length cost
+
+
+def test_report_command_over_the_store(reference, tmp_path):
+    ref_tmp, _, _ = reference
+    out = tmp_path / "report.md"
+    r = subprocess.run([sys.executable, "-m", "longrecipe", "report", "--store", str(ref_tmp / "store"),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "| base | niah |" in text and "| merged | perplexity |" in text
+    assert "## Training cost" in text and (tmp_path / "scores.png").stat().st_size > 1000
