@@ -502,8 +502,8 @@ class TrainState:
 
 
 def save_checkpoint(scratch: Path, state: TrainState, acc, model, opt, sched) -> Path:
-    """model.safetensors, optimizer.pt, scheduler.pt (tensors and numbers only, loaded with
-    weights_only=True), rng.safetensors, state.json (written last); then renamed into place.
+    """model.safetensors, optimizer.safetensors + optimizer.json, scheduler.json,
+    rng.safetensors, state.json (written last; no pickle anywhere); then renamed into place.
     Sharded setups (FSDP, DeepSpeed) store their states with accelerate's save_state."""
     import torch
     from safetensors.torch import save_file, save_model
@@ -518,8 +518,8 @@ def save_checkpoint(scratch: Path, state: TrainState, acc, model, opt, sched) ->
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
     elif acc.is_main_process:
         save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        save_optimizer(opt, tmp)
+        (tmp / "scheduler.json").write_text(json.dumps(sched.state_dict()))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -551,8 +551,8 @@ def load_checkpoint(path: Path, acc, model, opt, sched) -> TrainState:
         acc.load_state(str(path / "accelerate"))
     else:
         load_model(acc.unwrap_model(model), str(path / "model.safetensors"), device=str(acc.device))
-        opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=acc.device))
-        sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        load_optimizer(opt, path, acc.device)
+        sched.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng_file = path / f"rng-{acc.process_index}.safetensors"
     if rng_file.exists():
         rng = load_file(str(rng_file))
@@ -561,6 +561,37 @@ def load_checkpoint(path: Path, acc, model, opt, sched) -> TrainState:
             torch.cuda.set_rng_state(rng["cuda"])
     s = json.loads((path / "state.json").read_text())
     return TrainState(s["step"], s["position"], s["tokens"], s["elapsed"], s["metrics"])
+
+
+def save_optimizer(opt, folder: Path) -> None:
+    """Optimizer state without pickle: tensors in safetensors, the rest in JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors, state = {}, {}
+    for idx, entries in sd["state"].items():
+        state[str(idx)] = {}
+        for name, v in entries.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{name}"] = v.detach().contiguous()
+                state[str(idx)][name] = {"tensor": f"{idx}.{name}"}
+            else:
+                state[str(idx)][name] = {"value": v}
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"state": state, "param_groups": sd["param_groups"]}))
+
+
+def load_optimizer(opt, folder: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state = {
+        int(idx): {name: tensors[v["tensor"]] if "tensor" in v else v["value"] for name, v in entries.items()}
+        for idx, entries in meta["state"].items()
+    }
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _sharded(acc) -> bool:
