@@ -229,7 +229,7 @@ class ArtifactStore:
     # -- lookup
     def get(self, stage: str, key: str, *, verify: bool = False) -> ArtifactRef | None:
         """The finished artifact for a key, or None. verify=True also rechecks hashes."""
-        ref = self._load(stage, key)
+        ref = self.load(stage, key)
         if ref is None:
             return None
         if verify and self.verify(ref):
@@ -244,7 +244,8 @@ class ArtifactStore:
             raise ArtifactError(f"no finished artifact {stage}/{key} under {self.root}")
         return ref
 
-    def _load(self, stage: str, key: str) -> ArtifactRef | None:
+    def load(self, stage: str, key: str) -> ArtifactRef | None:
+        """The artifact its manifest describes, without checking its files (see `get`)."""
         mpath = f"{self.dir(stage, key)}/{MANIFEST}"
         try:
             with self.fs.open(mpath, "r") as fh:
@@ -283,7 +284,7 @@ class ArtifactStore:
             st, key = parts[-3], parts[-2]
             if "." in key:
                 continue
-            ref = self._load(st, key)
+            ref = self.load(st, key)
             if ref is not None:
                 refs.append(ref)
         refs.sort(key=lambda r: (r.stage, r.manifest.get("created_at", "")))
@@ -327,7 +328,7 @@ class ArtifactStore:
             return ref
         with self._lock(spec.stage, key, lock_timeout):
             final = self.dir(spec.stage, key)
-            ref = self._load(spec.stage, key)
+            ref = self.load(spec.stage, key)
             if ref is not None:
                 problems = self.verify(ref)
                 if not problems:
@@ -394,7 +395,7 @@ class ArtifactStore:
         with self.fs.open(f"{tmp}/{MANIFEST}", "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
         self.fs.mv(tmp, final, recursive=True)
-        ref = self._load(spec.stage, spec.key)
+        ref = self.load(spec.stage, spec.key)
         assert ref is not None
         return ref
 
@@ -454,7 +455,7 @@ class ArtifactStore:
                 key = name.split(".")[0]
                 if self.is_locked(stage, key):
                     continue
-                finished = self._load(stage, key) is not None
+                finished = self.load(stage, key) is not None
                 drop = (
                     ".tmp-" in name
                     or ".corrupt-" in name

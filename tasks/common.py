@@ -44,7 +44,7 @@ def stage_cache_key(spec_of: Callable[[ArtifactStore, dict[str, Any]], StageSpec
         spec = spec_of(store, parameters)
         cache_key = f"{spec.stage}-{spec.key}"
         record = results_dir(parameters["store"]) / cache_key
-        ref = store._load(spec.stage, spec.key)
+        ref = store.load(spec.stage, spec.key)
         problems = ["missing"] if ref is None else store.verify(ref)
         if problems and record.exists():
             _log(f"{spec.stage}/{spec.key}: cached result dropped, artifact "
