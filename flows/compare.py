@@ -16,7 +16,6 @@ from flows.pipeline import replay_build_config
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
 from tasks import stages
-from tasks.common import results_dir
 
 
 def _run_name() -> str:
@@ -37,8 +36,7 @@ def compare(
 
 
 def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> dict[str, dict]:
-    t = {n: getattr(stages, n).with_options(result_storage=results_dir(store)) for n in (
-        "ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report")}
+    t = stages.for_store(store)
     common = dict(store=store, runtime=runtime)
     out: dict[str, dict] = {"ingest": t["ingest"](cfg.ingest, cfg.model, **common)}
     if "longrecipe" in cfg.compare.methods:

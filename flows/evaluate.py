@@ -11,7 +11,6 @@ from prefect.runtime import flow_run
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import ModelSpec, RuntimeConfig, load_config
 from tasks import stages
-from tasks.common import results_dir
 
 
 def _run_name() -> str:
@@ -32,7 +31,7 @@ def evaluate_models(
     cfg = load_config(config, overrides or [])
     root = ArtifactStore(store).root
     runtime = RuntimeConfig(device=device)
-    t = {n: getattr(stages, n).with_options(result_storage=results_dir(root)) for n in ("ingest", "evaluate")}
+    t = stages.for_store(root)
     needs_docs = any(s in cfg.evaluate.suites for s in ("perplexity", "retention")) or cfg.evaluate.haystack == "corpus"
     documents = t["ingest"](cfg.ingest, cfg.model, store=root, runtime=runtime) if needs_docs else None
     specs = {Path(m).stem if m != "tiny" else "tiny": ModelSpec(source=m) for m in models}

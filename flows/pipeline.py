@@ -16,9 +16,8 @@ from prefect.runtime import flow_run
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import BuildConfig, PipelineConfig, RuntimeConfig, load_config
 from tasks import stages
-from tasks.common import results_dir
 
-STAGES = ("ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report")
+STAGES = stages.STAGES
 
 
 def _run_name() -> str:
@@ -46,7 +45,7 @@ def pipeline(
 def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: str | None = None) -> dict[str, dict]:
     """Wire the stage tasks; returns every finished stage's artifact (stage, key, uri)."""
     last = STAGES.index(until) if until else len(STAGES) - 1
-    t = {name: getattr(stages, name).with_options(result_storage=results_dir(store)) for name in STAGES}
+    t = stages.for_store(store)
     out: dict[str, dict] = {}
     common = dict(store=store, runtime=runtime)
 

@@ -19,11 +19,22 @@ from longrecipe.config import (
     TrainConfig,
 )
 from longrecipe.models import resolve
-from tasks.common import RefDict, load_ref, maybe_fail, ref_dict, stage_task_options, summarize
+from tasks.common import (
+    RefDict,
+    load_ref,
+    maybe_fail,
+    ref_dict,
+    results_dir,
+    stage_task_options,
+    summarize,
+)
+
+STAGES = ("ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report")
 
 
-def _store(p) -> ArtifactStore:
-    return ArtifactStore(p["store"])
+def for_store(store: str) -> dict:
+    """Every stage task, its Prefect results persisted beside the store's artifacts."""
+    return {name: globals()[name].with_options(result_storage=results_dir(store)) for name in STAGES}
 
 
 # -- ingest

@@ -31,6 +31,10 @@ BOOT = 2000
 SEED = 0
 
 
+# The paired comparisons reported for NIAH accuracy and for perplexity.
+PAIRS = (("longrecipe", "pose"), ("longrecipe", "randomized"), ("longrecipe", "full"),
+         ("pose", "randomized"))
+
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n (k may be fractional: mean of scores)."""
     if n == 0:
@@ -276,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
            "", "| comparison | difference (points) | 95% CI | prompts |", "|---|---|---|---|"]
     diffs = {}
     for t_ in ("train", "merge"):
-        for a, b in (("longrecipe", "pose"), ("longrecipe", "randomized"), ("longrecipe", "full"),
-                     ("pose", "randomized")):
+        for a, b in PAIRS:
             d = paired_difference(rows, f"{a}/{t_}", f"{b}/{t_}", long, rng)
             if d:
                 diffs[f"{a}-{b}/{t_}"] = d
@@ -291,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
            "| comparison | ratio | 95% CI | documents |", "|---|---|---|---|"]
     ratios = {}
     for t_ in ("train", "merge"):
-        for a, b in (("longrecipe", "pose"), ("longrecipe", "randomized"), ("longrecipe", "full"),
-                     ("pose", "randomized")):
+        for a, b in PAIRS:
             r = paired_ppl_ratio(rows, f"{a}/{t_}", f"{b}/{t_}", top, rng)
             if r:
                 ratios[f"{a}/{b}/{t_}"] = r
