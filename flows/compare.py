@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.pipeline import replay_build_config
+from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
 from tasks import stages

@@ -13,8 +13,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
-from longrecipe.config import BuildConfig, PipelineConfig, RuntimeConfig, load_config
+from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
 from tasks import stages
 
 STAGES = stages.STAGES
@@ -76,16 +77,6 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
         trainings = {"train": out["train"], "anneal": out["anneal"]}
         out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store, title=f"{cfg.name} report")
     return out
-
-
-def replay_build_config(cfg: PipelineConfig) -> BuildConfig:
-    """Replay samples: contiguous `full` windows at the annealing length."""
-    a = cfg.anneal
-    n = a.num_samples or a.optim.max_steps * a.optim.batch_size * a.optim.grad_accum
-    return BuildConfig(
-        method="full", train_len=a.train_len, target_len=a.train_len, seed=cfg.build.seed,
-        num_samples=n, split="train",
-    )
 
 
 def run_pipeline(cfg_path: str | Path, overrides: list[str] | None = None, store: str | None = None,

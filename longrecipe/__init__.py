@@ -7,7 +7,7 @@ only when a stage that needs them runs.
 __version__ = "0.1.0"
 
 from longrecipe.analyze import AnalyzeError, run_analyze  # noqa: E402
-from longrecipe.anneal import run_anneal  # noqa: E402
+from longrecipe.anneal import replay_build_config, run_anneal  # noqa: E402
 from longrecipe.artifacts import (  # noqa: E402
     ArtifactError,
     ArtifactRef,
@@ -83,6 +83,7 @@ __all__ = [
     "load_tokenizer",
     "resolve",
     "run_analyze",
+    "replay_build_config",
     "run_anneal",
     "run_build",
     "run_evaluate",

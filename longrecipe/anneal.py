@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
-from longrecipe.config import AnnealConfig, RuntimeConfig
+from longrecipe.config import AnnealConfig, BuildConfig, PipelineConfig, RuntimeConfig
 from longrecipe.models import resolve
 from longrecipe.train import TrainError, check_weights, launch, needs_launch, produce, train_model
 
@@ -66,3 +66,13 @@ def check_replay(samples: ArtifactRef) -> None:
             f"positions from a general corpus), got method {other[0]!r}; build the replay "
             "samples with build.method=full at the annealing length"
         )
+
+
+def replay_build_config(cfg: PipelineConfig) -> BuildConfig:
+    """Replay samples: contiguous `full` windows at the annealing length."""
+    a = cfg.anneal
+    n = a.num_samples or a.optim.max_steps * a.optim.batch_size * a.optim.grad_accum
+    return BuildConfig(
+        method="full", train_len=a.train_len, target_len=a.train_len, seed=cfg.build.seed,
+        num_samples=n, split="train",
+    )
