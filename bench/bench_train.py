@@ -49,7 +49,7 @@ from longrecipe.train import (
     make_schedule,
 )
 
-QUIET = RuntimeConfig(progress=False, device="cpu")
+QUIET = RuntimeConfig(progress=False, device="cpu")  # main() sets the device from --device
 
 
 def model_spec(d: int, layers: int, heads: int) -> ModelSpec:
@@ -81,7 +81,7 @@ def samples(store: ArtifactStore, method: str, length: int, target: int, n: int,
 
 
 def fresh_model(spec: ModelSpec, target: int):
-    m = load_model(spec, attention="sdpa")
+    m = load_model(spec, attention="auto", device=QUIET.device)
     apply_rope(m, None, target)
     return m
 
@@ -117,7 +117,7 @@ def bare(spec, ref, optim, target) -> tuple[float, list[float]]:
     model.train()
     model.config.use_cache = False
     stream = SampleStream(ref, optim.seed)
-    batches = [collate(stream.take(i * optim.batch_size, optim.batch_size), 0, "cpu")
+    batches = [collate(stream.take(i * optim.batch_size, optim.batch_size), 0, QUIET.device)
                for i in range(optim.max_steps * optim.grad_accum)]
     t = time.perf_counter()
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
@@ -129,7 +129,7 @@ def bare(spec, ref, optim, target) -> tuple[float, list[float]]:
         started = time.perf_counter()
         for _ in range(optim.grad_accum):
             ids, pos, mask, labels = next(it)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=optim.precision == "bf16"):
+            with torch.autocast(QUIET.device, dtype=torch.bfloat16, enabled=optim.precision == "bf16"):
                 loss = causal_lm_forward(model, ids, pos, mask, labels=labels).loss
             (loss / optim.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm or float("inf"))
@@ -158,13 +158,19 @@ def main() -> None:
     ap.add_argument("--overhead-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--parts", default="1,2", help="which comparisons to run (1, 2 or 1,2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (attention: flash-attn when "
+                    "installed, else sdpa)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the device's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     args = ap.parse_args()
+    global QUIET
+    QUIET = RuntimeConfig(progress=False, device=args.device)
 
     spec = model_spec(args.d, args.layers, args.heads)
     n_params = sum(p.numel() for p in load_model(spec).parameters())
     print(f"model: random Llama d={args.d} layers={args.layers} heads={args.heads} "
-          f"({n_params / 1e6:.2f}M params), torch threads {torch.get_num_threads()}, "
-          f"bf16 autocast, sdpa")
+          f"({n_params / 1e6:.2f}M params), device {args.device}, torch threads "
+          f"{torch.get_num_threads()}, bf16 autocast, attention {fresh_model(spec, 256).config._attn_implementation}")
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)
@@ -197,6 +203,11 @@ def step_cost(store, spec, args, n_params: int) -> None:
     print(f"   longrecipe  {per_step['longrecipe']:.3f} s/step")
     print(f"   full        {per_step['full']:.3f} s/step")
     print(f"   measured cost ratio {ratio:.3f}  ({(1 - ratio) * 100:.1f}% less per sample)")
+    if args.device == "cuda":  # model FLOPs utilisation of the measured steps
+        for name, tokens, f in (("longrecipe", short, f_short), ("full", args.target, f_full)):
+            tflops = f / per_step[name] / 1e12
+            print(f"   {name}: {tokens / per_step[name]:,.0f} tokens/s, {tflops:.1f} TFLOP/s, "
+                  f"MFU {100 * tflops / args.peak_tflops:.1f}% of {args.peak_tflops:.0f}")
     print(f"   analytic FLOP ratio, this model: {f_short / f_full:.3f}  "
           f"({(1 - f_short / f_full) * 100:.1f}% less)")
     print(f"   analytic FLOP ratio, Llama-3-8B 24k vs 80k: {f8_short / f8_full:.3f}  "
