@@ -116,10 +116,10 @@ def test_shakespeare_chunks_cut_at_blank_lines(tmp_path):
     assert "".join(chunks).count("PARA ") <= 50
 
 
-@pytest.mark.parametrize("name", ["pretrain.yaml", "study.yaml"])
+@pytest.mark.parametrize("name", ["pretrain.yaml", "study.yaml", "pretrain-gpu.yaml", "study-gpu.yaml"])
 def test_study_recipes_load(name):
     cfg = load_config(STUDY / name)
-    if name == "pretrain.yaml":
+    if name.startswith("pretrain"):
         assert cfg.build.method == "full" and cfg.build.target_len == 256
         assert cfg.train.max_position_embeddings == 256
     else:
@@ -129,3 +129,38 @@ def test_study_recipes_load(name):
         assert cfg.evaluate.lengths == [256, 512, 768, 1024]
         assert cfg.evaluate.haystack == "noise"
 
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """The study's tokenizer recipe, trained on a little text and many numbers."""
+    text = ["The grass is green. The sky is blue. " * 20, "One of the special magic numbers for x is: 1."]
+    return prepare.train_tokenizer(text + prepare.number_texts(200, 0), 512,
+                                   tmp_path_factory.mktemp("bpe"))
+
+
+def test_pass_keys_are_digit_pairs_that_rarely_repeat(bpe):
+    rng = random.Random(3)
+    keys = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(300)]
+    pieces = [bpe.convert_ids_to_tokens(bpe(" " + k, add_special_tokens=False)["input_ids"]) for k in keys]
+    assert all(p[0] == "Ġ" and "".join(p[1:]) == k for p, k in zip(pieces, keys, strict=True))
+    assert sum(len(p) - 1 for p in pieces) / len(pieces) < 5  # 7 digits in about 4 tokens
+    repeats = sum(len(set(p[1:])) < len(p) - 1 for p in pieces)
+    assert repeats / len(pieces) < 0.2  # one token per digit: about 94% of keys repeat one
+
+
+def test_exact_windows_tokenize_to_the_window(bpe):
+    filler = bpe("The grass is green. The sky is blue. " * 200, add_special_tokens=False)["input_ids"]
+    heads = ["", "One of the special magic numbers for x is: 1234567.\n", ""] * 5
+    out = prepare.exact_windows(bpe, heads, filler, 64)
+    assert len(out) >= 12
+    assert all(len(bpe(t, add_special_tokens=False)["input_ids"]) == 64 for t in out)
+    assert sum(t.startswith("One of the special") for t in out) >= 4
+
+
+def test_drill_text_fits_the_budget_and_answers_every_needle(bpe):
+    text = prepare.drill_text(random.Random(0), bpe, 500)
+    assert len(bpe(text, add_special_tokens=False)["input_ids"]) <= 500
+    needles = re.findall(r"numbers for (\S+) is: (\d{7})\.", text)
+    answers = re.findall(r"for (\S+) mentioned in the provided text is (\d{7})\.", text)
+    assert len(needles) >= 2 and needles == answers

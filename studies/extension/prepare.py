@@ -48,14 +48,17 @@ def read_jsonl(path: Path) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    """Byte-level BPE trained on `texts`; digits are always single tokens, so a pass key
-    is copied digit by digit whatever numbers the training text held."""
+    """Byte-level BPE trained on `texts`. Digit runs are split from letters and then
+    merged by BPE like any other text; with enough numbers among `texts` the merges cover
+    most digit pairs, so a 7-digit pass key is about 4 tokens that rarely repeat inside
+    one key. (With one token per digit, nearly every key repeats a digit, and copying it
+    token by token is ambiguous: a 1.1M-parameter model did not learn it in 3,000 steps.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -67,6 +70,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def number_texts(n: int, seed: int) -> list[str]:
+    """Lines of random 7-digit numbers for tokenizer training (the digit-pair merges)."""
+    rng = random.Random(seed)
+    return [" ".join(str(rng.randint(1_000_000, 9_999_999)) for _ in range(50)) for _ in range(n)]
 
 
 def init_model(tokenizer, shape: dict, out_dir: Path, seed: int) -> None:
@@ -130,3 +139,53 @@ def interleave(pools: list[tuple[list[str], list[int], float]]) -> list[str]:
         got[i] += tokens[pos[i]]
         pos[i] += 1
     return out
+
+
+def exact_windows(tok, heads: list[str], filler: list[int], window: int) -> list[str]:
+    """Texts of exactly `window` tokens each (as ingest tokenizes them): each head (a
+    pass-key document, or "" for plain text) followed by the filler token stream's next
+    tokens, decoded. Pretraining packs documents in order and cuts every `window` tokens,
+    so documents of exactly one window make every sample start at a document start: a
+    pass-key document is never cut between its needle and its question. A window whose
+    text does not tokenize back to `window` tokens (a merge across the cut) is retried
+    with one filler token more or less, then skipped."""
+    out = []
+    pos = 0
+    for head in heads:
+        n_head = len(tok(head, add_special_tokens=False)["input_ids"]) if head else 0
+        need = window - n_head
+        if need < 0:
+            continue
+        for k in (need, need - 1, need + 1, need - 2, need + 2):
+            if pos + k > len(filler):
+                pos = 0  # the filler stream is reused from its start when it runs out
+            text = head + tok.decode(filler[pos:pos + k])
+            if len(tok(text, add_special_tokens=False)["input_ids"]) == window:
+                out.append(text)
+                pos += k
+                break
+    return out
+
+
+def drill_text(rng: random.Random, tok, budget: int) -> str:
+    """Short pass-key exercises in the evaluation's wording, back to back, at most `budget`
+    tokens: a needle, a little noise, the question, the answer prefix and the value. Each
+    states a key once and asks for it a few dozen tokens later, so a window of them
+    trains the copy from needle to answer about five times more often than one full
+    NIAH document does (the template's preamble is left out)."""
+    from longrecipe.evaluate import niah
+
+    parts: list[str] = []
+    used = 0
+    while True:
+        key = f"{rng.choice(niah._ADJECTIVES)}-{rng.choice(niah._NOUNS)}"
+        value = str(rng.randint(1_000_000, 9_999_999))
+        noise = niah.NOISE[: rng.randint(0, len(niah.NOISE))]
+        item = (niah.NEEDLE.format(key=key, value=value) + " " + noise + "\n"
+                + niah.TEMPLATE.rsplit("\n", 1)[1].format(key=key)
+                + niah.ANSWER_PREFIX.format(key=key) + f" {value}.\n")
+        n = len(tok(item, add_special_tokens=False)["input_ids"])
+        if used + n > budget:
+            return "".join(parts)
+        parts.append(item)
+        used += n

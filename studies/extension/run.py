@@ -19,27 +19,75 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RUNS = HERE / "runs"
-STORE = RUNS / "store"
-INIT = RUNS / "init"
-BASE = RUNS / "base"
-CORPUS = RUNS / "corpus"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the study: the model, the recipes and where its files go."""
+
+    name: str
+    shape: dict
+    """LlamaConfig fields of the random-init base model."""
+    pretrain: str
+    """The pretraining recipe (a file beside run.py)."""
+    study: str
+    """The comparison recipe (a file beside run.py)."""
+    runs: str
+    """Working folder beside run.py (git-ignored): store, corpora, model folders."""
+    results: str
+    """Where summarize.py writes the tables and plots (committed)."""
+    device: str
+    pretrain_mix: tuple[float, float]
+    """Shares of pretraining windows that hold (a full NIAH pass-key document, pass-key
+    drills); the rest is Shakespeare alone."""
+    extension_retrieval: dict
+    """Pass-key documents of the extension corpus: count, token lengths, token share, seed."""
+
+
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+SCALES = {
+    # 2-core CPU: the published study (docs/study.md), about an hour.
+    "cpu": Scale(
+        name="cpu",
+        shape=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=8, max_position_embeddings=256, rope_parameters=_ROPE),
+        pretrain="pretrain.yaml", study="study.yaml", runs="runs", results="results", device="cpu",
+        pretrain_mix=(0.4, 0.4),
+        extension_retrieval=dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002),
+    ),
+    # One GPU: the same study with a model ten times larger (docs/study.md, GPU section).
+    "gpu": Scale(
+        name="gpu",
+        shape=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                   num_key_value_heads=6, max_position_embeddings=256, rope_parameters=_ROPE),
+        pretrain="pretrain-gpu.yaml", study="study-gpu.yaml", runs="runs-gpu", results="results-gpu",
+        device="cuda", pretrain_mix=(0.4, 0.4),
+        extension_retrieval=dict(n=2000, lengths=(112, 1000), share=0.4, seed=1002),
+    ),
+}
 
 # The study's fixed inputs (also stated in docs/study.md).
 SEED = 2027
 VOCAB = 2048
 CHUNK_CHARS = 6000
-SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=256,
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-# Pass-key documents: how many, their token lengths, their share of the corpus tokens.
-PRETRAIN_RETRIEVAL = dict(n=4000, lengths=(112, 256), share=0.4, seed=1001)
-EXTENSION_RETRIEVAL = dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002)
+WINDOW = 256  # the base model's window (pretraining documents are exactly this long)
+PRETRAIN_SEED = 1001  # pass-key documents of the pretraining corpus
 GATE = 0.9  # NIAH accuracy at 256 the base model must reach before extension
+
+# Set by main() from --scale, --runs, --set-pretrain and --set-study.
+S: Scale = SCALES["cpu"]
+PRETRAIN_SET: list[str] = []
+STUDY_SET: list[str] = []
+RUNS = HERE / "runs"
+STORE = RUNS / "store"
+INIT = RUNS / "init"
+BASE = RUNS / "base"
+CORPUS = RUNS / "corpus"
 
 
 def log(msg: str) -> None:
@@ -54,13 +102,29 @@ def main(argv: list[str] | None = None) -> int:
                    default="summarize")
     p.add_argument("--no-gate", action="store_true",
                    help="go on to the extension even when the base model misses the NIAH gate")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                   help="cpu: the published 1.1M-parameter study; gpu: a 10x model on CUDA")
+    p.add_argument("--engine", choices=["prefect", "library"], default="prefect",
+                   help="run the comparison with the compare flow (prefect) or by calling the "
+                        "same library stage functions in the flow's order (library: for machines "
+                        "without Prefect's server stack, e.g. an offline GPU box)")
+    p.add_argument("--runs", help="working folder (default: runs/ or runs-gpu/ beside run.py)")
+    p.add_argument("--results", help="where summarize writes (default: results/ or results-gpu/)")
+    p.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the pretraining recipe (repeatable)")
+    p.add_argument("--set-study", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the comparison recipe (repeatable)")
     args = p.parse_args(argv)
+    _set_scale(SCALES[args.scale], args.runs)
+    PRETRAIN_SET[:] = _paths("init", "pretrain") + args.set_pretrain
+    STUDY_SET[:] = _paths("base", "extension") + args.set_study
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.chdir(ROOT)  # config paths are relative to the repository root
     sys.path[:0] = [str(ROOT), str(HERE)]
-    from longrecipe.cli import prefect_env
+    if args.engine == "prefect":
+        from longrecipe.cli import prefect_env
 
-    prefect_env(str(STORE))
+        prefect_env(str(STORE))
     t0 = time.perf_counter()
     steps = ["prepare", "pretrain", "train", "merge", "summarize"]
     for step in steps[: steps.index(args.until) + 1]:
@@ -76,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def step_prepare(args) -> None:
-    """Tokenizer, init model and corpora; each written only when missing."""
+    """Tokenizer (runs/tokenizer), init model (runs/init) and corpora (runs/corpus); each
+    written only when missing, so prepared inputs can be carried to another machine."""
     import random
 
     from prepare import (
@@ -84,63 +149,130 @@ def step_prepare(args) -> None:
         init_model,
         interleave,
         noise_passkey_texts,
+        number_texts,
         read_jsonl,
-        shakespeare_chunks,
         train_tokenizer,
         write_jsonl,
     )
     from transformers import AutoTokenizer
 
-    from longrecipe.synthetic import retrieval_documents
+
+    tok_dir = RUNS / "tokenizer"
+    if (INIT / "tokenizer.json").exists() and not (tok_dir / "tokenizer.json").exists():
+        shutil.copytree(INIT, tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json"))
+    done = [tok_dir / "tokenizer.json", CORPUS / "pretrain.jsonl", CORPUS / "extension.jsonl"]
+    chunks = [] if all(p.exists() for p in done) else _shakespeare()
+    if not (tok_dir / "tokenizer.json").exists():
+        tmp = RUNS / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(chunks + noise_passkey_texts(500, SEED) + number_texts(400, SEED), VOCAB, tmp)
+        tmp.rename(tok_dir)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if not (INIT / "config.json").exists():
+        tmp = RUNS / "init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tok_dir, tmp)
+        init_model(tok, S.shape, tmp, SEED)
+        tmp.rename(INIT)
+    heldout_fraction = _study_cfg().ingest.heldout_fraction
+    # Held-out Shakespeare (perplexity, retention) is never seen in pretraining either.
+    train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
+    held = [c for c in chunks if heldout_by_ingest(c, heldout_fraction)]
+    if not (CORPUS / "pretrain.jsonl").exists():
+        write_jsonl(CORPUS / "pretrain.jsonl", _pretrain_windows(tok, train_chunks))
+        log(f"{_shown(CORPUS / 'pretrain.jsonl')}: "
+            f"{len(read_jsonl(CORPUS / 'pretrain.jsonl'))} windows of {WINDOW} tokens")
+    path = CORPUS / "extension.jsonl"
+    if not path.exists():
+        spec = S.extension_retrieval
+        n_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in train_chunks]
+        rng = random.Random(spec["seed"])
+        lo, hi = spec["lengths"]
+        lengths = [rng.randrange(lo, hi + 1, 8) for _ in range(spec["n"])]
+        docs = _retrieval_docs(lengths, spec["seed"])
+        # Pass-key documents stay out of the held-out split: perplexity is Shakespeare's.
+        docs = [d for d in docs if not heldout_by_ingest(d, heldout_fraction)]
+        doc_tokens = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
+        order = random.Random(spec["seed"]).sample(range(len(train_chunks)), len(train_chunks))
+        mixed = interleave([([train_chunks[i] for i in order], [n_tokens[i] for i in order],
+                             1 - spec["share"]), (docs, doc_tokens, spec["share"])])
+        # The held-out chunks (perplexity, retention) come first: the evaluation reads the
+        # first held-out documents long enough for each length.
+        write_jsonl(path, held + mixed)
+        log(f"{_shown(path)}: {len(read_jsonl(path))} documents")
+
+
+def _shakespeare() -> list[str]:
+    from prepare import shakespeare_chunks
 
     text_dir = ROOT / "data/external/shakespeare"
     if not any(text_dir.glob("*.txt")):
         raise SystemExit(f"{text_dir} is empty: run `longrecipe data fetch demo` first")
-    chunks = shakespeare_chunks(text_dir, CHUNK_CHARS)
-    if not (INIT / "config.json").exists():
-        tmp = RUNS / "init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok = train_tokenizer(chunks + noise_passkey_texts(500, SEED), VOCAB, tmp)
-        init_model(tok, SHAPE, tmp, SEED)
-        tmp.rename(INIT)
-    tok = AutoTokenizer.from_pretrained(str(INIT))
-    heldout_fraction = _study_cfg().ingest.heldout_fraction
-    # Held-out Shakespeare (perplexity, retention) is never seen in pretraining either.
-    train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
-    n_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in chunks]
-    sizes = dict(zip(chunks, n_tokens, strict=True))
-    held = [c for c in chunks if heldout_by_ingest(c, heldout_fraction)]
-    for name, spec in (("pretrain", PRETRAIN_RETRIEVAL), ("extension", EXTENSION_RETRIEVAL)):
-        path = CORPUS / f"{name}.jsonl"
-        if path.exists():
-            continue
-        rng = random.Random(spec["seed"])
-        lo, hi = spec["lengths"]
-        lengths = [rng.randrange(lo, hi + 1, 8) for _ in range(spec["n"])]
-        docs = retrieval_documents(tok, lengths, seed=spec["seed"])
-        # Pass-key documents stay out of the held-out split: perplexity is Shakespeare's.
-        docs = [d for d in docs if not heldout_by_ingest(d, heldout_fraction)]
-        doc_tokens = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
-        order = random.Random(spec["seed"]).sample(train_chunks, len(train_chunks))
-        mixed = interleave([(order, [sizes[c] for c in order], 1 - spec["share"]),
-                            (docs, doc_tokens, spec["share"])])
-        # The extension corpus carries the held-out chunks (perplexity, retention), first:
-        # the evaluation reads the first held-out documents long enough for each length.
-        write_jsonl(path, (held if name == "extension" else []) + mixed)
-        log(f"{path.relative_to(ROOT)}: {len(read_jsonl(path))} documents")
+    return shakespeare_chunks(text_dir, CHUNK_CHARS)
+
+
+def _pretrain_windows(tok, train_chunks: list[str]) -> list[str]:
+    """The pretraining corpus: one document per training sample, each exactly WINDOW tokens
+    (build packs in order, so every sample starts at a document start and no pass-key
+    document is cut between needle and question). By S.pretrain_mix, a window holds a
+    full NIAH document (112-256 tokens) or a run of short pass-key drills, followed by
+    Shakespeare up to WINDOW; the other windows are Shakespeare alone. Seeded order."""
+    import random
+
+    from prepare import drill_text, exact_windows
+
+    n = _pretrain_cfg().build.num_samples
+    rng = random.Random(PRETRAIN_SEED)
+    # 10% spare: exact_windows skips the few windows whose text does not tokenize back
+    kinds = rng.choices(["niah", "drill", "text"], weights=[*S.pretrain_mix, 1 - sum(S.pretrain_mix)],
+                        k=n + n // 10)
+    niah_at = [i for i, k in enumerate(kinds) if k == "niah"]
+    lengths = [rng.randrange(112, WINDOW + 1, 8) for _ in niah_at]
+    heads = [drill_text(rng, tok, WINDOW - 16) if k == "drill" else "" for k in kinds]
+    for i, doc in zip(niah_at, _retrieval_docs(lengths, PRETRAIN_SEED), strict=True):
+        heads[i] = doc
+    filler = [t for c in train_chunks for t in tok(c, add_special_tokens=False)["input_ids"]]
+    windows = exact_windows(tok, heads, filler, WINDOW)
+    if len(windows) < n:
+        raise SystemExit(f"prepare: only {len(windows)} of {n} pretraining windows tokenize exactly")
+    return windows[:n]
+
+
+_BLOCK = 1000  # pass-key documents per worker call
+
+
+def _retrieval_docs(lengths: list[int], seed: int) -> list[str]:
+    """`retrieval_documents` for many lengths, in blocks of _BLOCK spread over the CPU
+    cores (fitting haystacks is the slow part of preparing). Block b uses seed
+    seed * 100 + b, so the documents do not depend on the number of cores."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    blocks = [(lengths[i:i + _BLOCK], seed * 100 + b, str(RUNS / "tokenizer"))
+              for b, i in enumerate(range(0, len(lengths), _BLOCK))]
+    with ProcessPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1)) as pool:
+        return [d for docs in pool.map(_retrieval_block, blocks) for d in docs]
+
+
+def _retrieval_block(args: tuple[list[int], int, str]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from longrecipe.synthetic import retrieval_documents
+
+    lengths, seed, tok_dir = args
+    return retrieval_documents(AutoTokenizer.from_pretrained(tok_dir), lengths, seed=seed)
 
 
 def step_pretrain(args) -> None:
     """ingest -> build (full, 256) -> train from random weights; then the gate."""
     import json
 
-    from longrecipe import ArtifactStore, RuntimeConfig, load_config, run_build, run_ingest
+    from longrecipe import ArtifactStore, RuntimeConfig, run_build, run_ingest
     from longrecipe.evaluate import run_evaluate
     from longrecipe.train import run_train
 
-    cfg = load_config(HERE / "pretrain.yaml")
+    cfg = _pretrain_cfg()
     store = ArtifactStore(STORE)
-    rt = RuntimeConfig(device="cpu", threads=args.threads, progress=False)
+    rt = RuntimeConfig(device=S.device, threads=args.threads, progress=False)
     docs = run_ingest(cfg.ingest, cfg.model, store, rt)
     samples = run_build(cfg.build, docs, None, store, rt)
     model = run_train(cfg.train, samples, cfg.model, store, rt)
@@ -168,39 +300,66 @@ def step_pretrain(args) -> None:
 
 
 def step_train(args) -> None:
-    _compare(["compare.through=train"])
+    _compare("train", args.engine)
 
 
 def step_merge(args) -> None:
-    _compare(["compare.through=merge"])
+    _compare("merge", args.engine)
 
 
 def step_summarize(args) -> None:
     import summarize
 
-    summarize.main(["--store", str(STORE)])
+    out = args.results or str(HERE / S.results)
+    summarize.main(["--store", str(STORE), "--out", out, "--scale", S.name])
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _study_cfg():
+def _paths(model: str, corpus: str) -> list[str]:
+    """Overrides that point a recipe at this run's folders (the YAML names runs/)."""
+    try:
+        runs = RUNS.relative_to(ROOT)  # relative, as in the YAML: the same artifact keys
+    except ValueError:
+        runs = RUNS
+    return [f"model.source={runs}/{model}", f"ingest.sources=[{{path: {runs}/corpus/{corpus}.jsonl}}]"]
+
+
+def _pretrain_cfg(extra: list[str] | None = None):
     from longrecipe import load_config
 
-    return load_config(HERE / "study.yaml")
+    return load_config(HERE / S.pretrain, PRETRAIN_SET + (extra or []))
 
 
-def _compare(overrides: list[str]) -> None:
-    """The compare flow, then a record of its artifact keys for summarize.py."""
+def _study_cfg(extra: list[str] | None = None):
+    from longrecipe import load_config
+
+    return load_config(HERE / S.study, STUDY_SET + (extra or []))
+
+
+def _set_scale(scale: Scale, runs: str | None = None) -> None:
+    global S, RUNS, STORE, INIT, BASE, CORPUS
+    S = scale
+    RUNS = Path(runs).resolve() if runs else HERE / scale.runs
+    STORE, INIT, BASE, CORPUS = RUNS / "store", RUNS / "init", RUNS / "base", RUNS / "corpus"
+
+
+def _compare(through: str, engine: str) -> None:
+    """The comparison through `through`, then a record of its artifact keys for summarize.py."""
     import json
 
-    from flows.compare import compare
     from longrecipe import ArtifactStore
 
-    out = compare(config=str(HERE / "study.yaml"), overrides=overrides, store=str(STORE),
-                  device="cpu")
+    overrides = [f"compare.through={through}"]
+    if engine == "prefect":
+        from flows.compare import compare
+
+        out = compare(config=str(HERE / S.study), overrides=STUDY_SET + overrides, store=str(STORE),
+                      device=S.device)
+    else:
+        out = _compare_library(overrides)
     cfg = _study_cfg()
-    through = overrides[0].split("=", 1)[1]
     store = ArtifactStore(STORE)
     record = {"evaluations": out["evaluations"], "report": out["report"], "trainings": {},
               "anneals": {}}
@@ -214,6 +373,58 @@ def _compare(overrides: list[str]) -> None:
             record["trainings"][method] = ref["key"]
     (RUNS / f"evaluations-{through}.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"compare {overrides}: report {out['report']['uri']}")
+
+
+def _compare_library(overrides: list[str]) -> dict:
+    """flows/compare.py's compare_methods, stage for stage, as plain library calls (no
+    Prefect): the same configs reach the same run_<stage> functions, so every artifact
+    key is the one the flow would make. Kept in step with that flow by hand."""
+    from longrecipe import ArtifactStore, RuntimeConfig, replay_build_config
+    from longrecipe.analyze import run_analyze
+    from longrecipe.anneal import run_anneal
+    from longrecipe.build import run_build
+    from longrecipe.evaluate import run_evaluate
+    from longrecipe.ingest import run_ingest
+    from longrecipe.merge import run_merge
+    from longrecipe.report import run_report
+    from longrecipe.train import run_train
+
+    cfg = _study_cfg(overrides)
+    store = ArtifactStore(STORE)
+    rt = RuntimeConfig(device=S.device, progress=False)
+    docs = run_ingest(cfg.ingest, cfg.model, store, rt)
+    analysis = run_analyze(cfg.analyze, docs, cfg.model, store, rt) if "longrecipe" in cfg.compare.methods else None
+    evaluations = [run_evaluate(cfg.evaluate, {"base": cfg.model}, store, rt, documents=docs)]
+    trainings, out, replay = {}, {}, None
+    for method in cfg.compare.methods:
+        bcfg = cfg.build.model_copy(update={"method": method})
+        samples = run_build(bcfg, docs, analysis if method == "longrecipe" else None, store, rt)
+        model = trainings[method] = run_train(cfg.train, samples, cfg.model, store, rt)
+        if cfg.compare.through == "merge":
+            replay = replay or run_build(replay_build_config(cfg), docs, None, store, rt)
+            annealed = run_anneal(cfg.anneal, model, replay, store, rt)
+            model = run_merge(cfg.merge, cfg.model, annealed, store, rt)
+        out[f"model-{method}"] = _ref(model)
+        evaluations.append(run_evaluate(cfg.evaluate, {method: model}, store, rt, documents=docs))
+        log(f"{method}: {model.stage}/{model.key}")
+    report = run_report(cfg.report, evaluations, trainings, store,
+                        title=f"{cfg.name}: method comparison")
+    out["evaluations"] = [_ref(e) for e in evaluations]
+    out["report"] = _ref(report)
+    return out
+
+
+def _ref(ref) -> dict:
+    """An artifact as the flow's tasks return it (tasks.common.ref_dict)."""
+    return {"stage": ref.stage, "key": ref.key, "uri": ref.uri}
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when inside it (for logs)."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _same_files(a: Path, b: Path) -> bool:
