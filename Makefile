@@ -42,7 +42,7 @@ bench: venv
 # The efficacy study (docs/study.md): about 25 minutes on 2 CPU cores.
 study: venv
 	$(BIN)/longrecipe data fetch demo
-	$(BIN)/python studies/extension/run.py --no-gate
+	$(BIN)/python studies/extension/run.py --threads 2
 
 clean:
 	rm -rf $(VENV) data/artifacts data/prefect

@@ -164,3 +164,48 @@ def test_drill_text_fits_the_budget_and_answers_every_needle(bpe):
     needles = re.findall(r"numbers for (\S+) is: (\d{7})\.", text)
     answers = re.findall(r"for (\S+) mentioned in the provided text is (\d{7})\.", text)
     assert len(needles) >= 2 and needles == answers
+
+
+# Every size of the study shrunk to seconds: the same steps, stages and summaries.
+SMOKE = [
+    "--set-pretrain", "build.num_samples=64", "--set-pretrain", "train.optim.max_steps=4",
+    "--set-pretrain", "train.optim.warmup_steps=1", "--set-pretrain", "evaluate.niah_samples=1",
+    "--set-pretrain", "evaluate.depths=2",
+    "--set-study", "build.num_samples=16", "--set-study", "train.optim.max_steps=3",
+    "--set-study", "train.optim.warmup_steps=1", "--set-study", "anneal.optim.max_steps=2",
+    "--set-study", "analyze.max_documents=8", "--set-study", "evaluate.niah_samples=1",
+    "--set-study", "evaluate.depths=2", "--set-study", "evaluate.max_documents=2",
+]
+
+
+@pytest.mark.integration
+def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
+    """`run.py` in miniature through the compare flow: prepare, pretrain, both comparisons,
+    summarize; a second run finds every stage in the store and makes nothing new."""
+    import json
+    import subprocess
+
+    if not any((ROOT / "data/external/shakespeare").glob("*.txt")):
+        pytest.skip("needs `longrecipe data fetch demo` (the Shakespeare texts)")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    cmd = [sys.executable, str(STUDY / "run.py"), "--no-gate", "--runs", str(runs),
+           "--results", str(results), *SMOKE]
+
+    def run() -> tuple[str, set[str]]:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout, {str(p.relative_to(runs)) for p in (runs / "store").glob("*/*")}
+
+    out, artifacts = run()
+    record = json.loads((runs / "evaluations-merge.json").read_text())
+    assert set(record["trainings"]) == set(record["anneals"]) == {"full", "randomized", "pose", "longrecipe"}
+    md = (results / "results.md").read_text()
+    for heading in ("Pass-key (NIAH) accuracy", "Perplexity of held-out", "Paired perplexity ratios",
+                    "Training cost"):
+        assert heading in md
+    assert "| LongRecipe + anneal + merge |" in md
+    assert {p.name for p in results.iterdir()} >= {"results.json", "niah_accuracy.png", "perplexity.png"}
+
+    out2, artifacts2 = run()
+    assert artifacts2 == artifacts  # nothing recomputed under a new key
+    assert json.loads((runs / "evaluations-merge.json").read_text()) == record

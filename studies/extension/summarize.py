@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,6 +87,34 @@ def load(store_dir: Path) -> dict:
     if not evals:
         raise SystemExit(f"no runs/evaluations-*.json beside {store_dir}: run run.py first")
     return {"rows": rows, "evals": evals, "store": store}
+
+
+NEEDLE_RE = re.compile(r"special magic numbers for (\S+) is: (\d{7})")
+ANSWER_RE = re.compile(r"for (\S+) mentioned in the provided text is (\d{7})")
+
+
+def retrieval_pairs(data: dict) -> list[dict]:
+    """What each method's training samples teach about retrieval: how many hold a complete
+    pass-key answer, and how many of those also hold its needle (a usable example)."""
+    from transformers import AutoTokenizer
+
+    store = data["store"]
+    ev = data["evals"].get("train") or next(iter(data["evals"].values()))
+    out = []
+    for method, key in ev["trainings"].items():
+        train = store.require("train", key)
+        samples = store.require("build", train.manifest["inputs"]["samples"])
+        tok = AutoTokenizer.from_pretrained(str(train.path / "files" / "model"))
+        n = answers = paired = 0
+        for ids in samples.read_table("samples").column("input_ids").to_pylist():
+            n += 1
+            text = tok.decode(ids)
+            needles = set(NEEDLE_RE.findall(text))
+            for a in ANSWER_RE.findall(text):
+                answers += 1
+                paired += a in needles
+        out.append(dict(method=method, samples=n, answers=answers, paired=paired))
+    return out
 
 
 def costs(data: dict) -> list[dict]:
@@ -369,6 +398,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['n']} |")
     md.append("")
 
+    pairs = retrieval_pairs(data)
+    md += ["## Pass-key examples in the extension samples (stage 0)", "",
+           "An answer is usable when its needle is in the same sample.", "",
+           "| method | samples | answers | with their needle | usable per 100 samples |",
+           "|---|---|---|---|---|"]
+    for r in pairs:
+        md.append(f"| {NAMES.get(r['method'], r['method'])} | {r['samples']:,} | {r['answers']:,} | "
+                  f"{r['paired']:,} | {100 * r['paired'] / max(1, r['samples']):.1f} |")
+    md.append("")
+
     cost_rows = costs(data)
     full = {c["through"]: c for c in cost_rows if c["method"] == "full"}
     md += ["## Training cost (extension stage 0; FLOPs estimated by the report stage)", "",
@@ -401,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "differences": diffs,
         "perplexity_ratios": ratios,
         "costs": cost_rows,
+        "retrieval_pairs": pairs,
         "evaluations": data["evals"],
     }, indent=1, default=str) + "\n")
     print("\n".join(md))
