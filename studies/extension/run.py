@@ -1,12 +1,16 @@
 """The extension study end to end: `python studies/extension/run.py`.
 
-1. prepare: Shakespeare chunks, a 2,048-token BPE tokenizer, a random-init Llama folder
-   with a 256-token window, and the two corpora (pretraining, extension) with pass-key
-   documents in the evaluation's NIAH wording;
+1. prepare: a 2,048-id BPE tokenizer (digit pairs), a random-init Llama folder with a
+   256-token window, and two corpora: pretraining (documents of exactly one window,
+   with pass-key documents and drills in the evaluation's NIAH wording) and extension
+   (Shakespeare and longer pass-key documents);
 2. pretrain it with the library's ingest, build (full, 256) and train stages, copy the
    model to runs/base and check it retrieves pass keys at 256 (the gate);
 3. the compare flow on study.yaml, once through train and once through merge;
 4. summarize.py: tables, confidence intervals and plots into studies/extension/results/.
+
+`--scale gpu` does the same with a model ten times larger (pretrain-gpu.yaml,
+study-gpu.yaml, runs-gpu/, results-gpu/).
 
 Every stage is cached in runs/store, so a rerun after a kill resumes where it stopped
 and a finished study reruns in seconds. Wall time is logged per step.
@@ -31,6 +35,7 @@ class Scale:
     """One size of the study: the model, the recipes and where its files go."""
 
     name: str
+    """cpu or gpu (named in the results' heading)."""
     shape: dict
     """LlamaConfig fields of the random-init base model."""
     pretrain: str
@@ -42,6 +47,7 @@ class Scale:
     results: str
     """Where summarize.py writes the tables and plots (committed)."""
     device: str
+    """Where every stage runs: cpu or cuda."""
     pretrain_mix: tuple[float, float]
     """Shares of pretraining windows that hold (a full NIAH pass-key document, pass-key
     drills); the rest is Shakespeare alone."""
@@ -51,7 +57,7 @@ class Scale:
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 SCALES = {
-    # 2-core CPU: the published study (docs/study.md), about an hour.
+    # 2-core CPU: the published study (docs/study.md), about 25 minutes.
     "cpu": Scale(
         name="cpu",
         shape=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,

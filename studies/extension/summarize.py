@@ -117,6 +117,13 @@ def retrieval_pairs(data: dict) -> list[dict]:
     return out
 
 
+def run_label(data: dict) -> str:
+    """'seed N': the stage-0 training seed of the run (what --set-study varies)."""
+    ev = data["evals"].get("train") or next(iter(data["evals"].values()))
+    train = data["store"].require("train", next(iter(ev["trainings"].values())))
+    return f"seed {train.manifest['config']['optim']['seed']}"
+
+
 def costs(data: dict) -> list[dict]:
     """Training cost per method (the report stage's estimate), plus annealing when merged."""
     from longrecipe.report import training_cost
@@ -284,7 +291,8 @@ def plot_costs(cost_rows: list[dict], path: Path) -> None:
 def across_seeds(folders: list[Path], out: Path) -> str:
     """seeds.md: the headline numbers of several runs of the study (one results.json per
     folder, e.g. one per training seed), each run's value, their mean and range."""
-    runs = [(f.name, json.loads((f / "results.json").read_text())) for f in folders]
+    runs = [(r.get("label") or f.name, r) for f in folders
+            for r in [json.loads((f / "results.json").read_text())]]
     names = " | ".join(n for n, _ in runs)
     head = f"| | {names} | mean | range |\n|---|" + "---|" * (len(runs) + 2)
 
@@ -441,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity_ratios": ratios,
         "costs": cost_rows,
         "retrieval_pairs": pairs,
+        "label": run_label(data),
         "evaluations": data["evals"],
     }, indent=1, default=str) + "\n")
     print("\n".join(md))
