@@ -15,6 +15,17 @@ from pathlib import Path
 
 from longrecipe.models import BOS, EOS, PAD
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_path(path: str | Path) -> str:
+    """A path as the reader would type it: relative to the repository when inside it
+    (also how the recipes name the study's folders, so artifact keys stay the same)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
 
 def shakespeare_chunks(folder: str | Path, chunk_chars: int) -> list[str]:
     """The public-domain texts cut at blank lines into documents of about chunk_chars."""

@@ -157,6 +157,7 @@ def step_prepare(args) -> None:
         noise_passkey_texts,
         number_texts,
         read_jsonl,
+        repo_path,
         train_tokenizer,
         write_jsonl,
     )
@@ -164,8 +165,6 @@ def step_prepare(args) -> None:
 
 
     tok_dir = RUNS / "tokenizer"
-    if (INIT / "tokenizer.json").exists() and not (tok_dir / "tokenizer.json").exists():
-        shutil.copytree(INIT, tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json"))
     done = [tok_dir / "tokenizer.json", CORPUS / "pretrain.jsonl", CORPUS / "extension.jsonl"]
     chunks = [] if all(p.exists() for p in done) else _shakespeare()
     if not (tok_dir / "tokenizer.json").exists():
@@ -184,14 +183,15 @@ def step_prepare(args) -> None:
     # Held-out Shakespeare (perplexity, retention) is never seen in pretraining either.
     train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
     held = [c for c in chunks if heldout_by_ingest(c, heldout_fraction)]
+    chunk_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in train_chunks]
     if not (CORPUS / "pretrain.jsonl").exists():
-        write_jsonl(CORPUS / "pretrain.jsonl", _pretrain_windows(tok, train_chunks))
-        log(f"{_shown(CORPUS / 'pretrain.jsonl')}: "
+        write_jsonl(CORPUS / "pretrain.jsonl", _pretrain_windows(tok, chunk_ids))
+        log(f"{repo_path(CORPUS / 'pretrain.jsonl')}: "
             f"{len(read_jsonl(CORPUS / 'pretrain.jsonl'))} windows of {WINDOW} tokens")
     path = CORPUS / "extension.jsonl"
     if not path.exists():
         spec = S.extension_retrieval
-        n_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in train_chunks]
+        n_tokens = [len(ids) for ids in chunk_ids]
         rng = random.Random(spec["seed"])
         lo, hi = spec["lengths"]
         lengths = [rng.randrange(lo, hi + 1, 8) for _ in range(spec["n"])]
@@ -205,7 +205,7 @@ def step_prepare(args) -> None:
         # The held-out chunks (perplexity, retention) come first: the evaluation reads the
         # first held-out documents long enough for each length.
         write_jsonl(path, held + mixed)
-        log(f"{_shown(path)}: {len(read_jsonl(path))} documents")
+        log(f"{repo_path(path)}: {len(read_jsonl(path))} documents")
 
 
 def _shakespeare() -> list[str]:
@@ -217,7 +217,7 @@ def _shakespeare() -> list[str]:
     return shakespeare_chunks(text_dir, CHUNK_CHARS)
 
 
-def _pretrain_windows(tok, train_chunks: list[str]) -> list[str]:
+def _pretrain_windows(tok, chunk_ids: list[list[int]]) -> list[str]:
     """The pretraining corpus: one document per training sample, each exactly WINDOW tokens
     (build packs in order, so every sample starts at a document start and no pass-key
     document is cut between needle and question). By S.pretrain_mix, a window holds a
@@ -237,7 +237,7 @@ def _pretrain_windows(tok, train_chunks: list[str]) -> list[str]:
     heads = [drill_text(rng, tok, WINDOW - 16) if k == "drill" else "" for k in kinds]
     for i, doc in zip(niah_at, _retrieval_docs(lengths, PRETRAIN_SEED), strict=True):
         heads[i] = doc
-    filler = [t for c in train_chunks for t in tok(c, add_special_tokens=False)["input_ids"]]
+    filler = [t for ids in chunk_ids for t in ids]  # the training Shakespeare, as one stream
     windows = exact_windows(tok, heads, filler, WINDOW)
     if len(windows) < n:
         raise SystemExit(f"prepare: only {len(windows)} of {n} pretraining windows tokenize exactly")
@@ -325,17 +325,16 @@ def step_summarize(args) -> None:
 
 def _paths(model: str, corpus: str) -> list[str]:
     """Overrides that point a recipe at this run's folders (the YAML names runs/)."""
-    try:
-        runs = RUNS.relative_to(ROOT)  # relative, as in the YAML: the same artifact keys
-    except ValueError:
-        runs = RUNS
+    from prepare import repo_path
+
+    runs = repo_path(RUNS)  # relative, as in the YAML: the same artifact keys
     return [f"model.source={runs}/{model}", f"ingest.sources=[{{path: {runs}/corpus/{corpus}.jsonl}}]"]
 
 
-def _pretrain_cfg(extra: list[str] | None = None):
+def _pretrain_cfg():
     from longrecipe import load_config
 
-    return load_config(HERE / S.pretrain, PRETRAIN_SET + (extra or []))
+    return load_config(HERE / S.pretrain, PRETRAIN_SET)
 
 
 def _study_cfg(extra: list[str] | None = None):
@@ -423,14 +422,6 @@ def _compare_library(overrides: list[str]) -> dict:
 def _ref(ref) -> dict:
     """An artifact as the flow's tasks return it (tasks.common.ref_dict)."""
     return {"stage": ref.stage, "key": ref.key, "uri": ref.uri}
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the repository when inside it (for logs)."""
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _same_files(a: Path, b: Path) -> bool:
