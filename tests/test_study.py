@@ -209,3 +209,30 @@ def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
     out2, artifacts2 = run()
     assert artifacts2 == artifacts  # nothing recomputed under a new key
     assert json.loads((runs / "evaluations-merge.json").read_text()) == record
+
+
+def test_across_seeds_tabulates_each_run_with_mean_and_range(tmp_path):
+    import json
+
+    import summarize
+
+    def run(folder: str, seed: int, lr_pose: float, lr_acc: float) -> Path:
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "label": f"seed {seed}",
+            "niah": {"longrecipe/train@pooled": {"acc": lr_acc}},
+            "differences": {"longrecipe-pose/train": {"diff": lr_pose}},
+            "perplexity": {"base@1024": {}},
+            "perplexity_ratios": {"longrecipe/pose/train": {"ratio": 1.0 + lr_pose}},
+        }))
+        return d
+
+    folders = [run("a", 1, 0.10, 0.30), run("b", 2, -0.04, 0.20)]
+    text = summarize.across_seeds(folders, tmp_path / "out")
+    assert (tmp_path / "out" / "seeds.md").read_text() == text
+    assert "| | seed 1 | seed 2 | mean | range |" in text
+    assert "| LongRecipe | 30.0 | 20.0 | 25.0 | 20.0 to 30.0 |" in text
+    assert "| LongRecipe - PoSE | +10.0 | -4.0 | +3.0 | -4.0 to +10.0 |" in text
+    assert "| LongRecipe / PoSE | 1.100 | 0.960 | 1.030 | 0.960 to 1.100 |" in text
+    assert "| PoSE | - | - | - | - |" in text  # a variant no run measured
