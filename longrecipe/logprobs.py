@@ -14,7 +14,9 @@ A window is forwarded with positions 0..len-1, an explicit attention mask
 and explicit position ids (transformers treats position ids with gaps and no
 mask as packed sequences). Only the positions a window scores go through the
 output head, in chunks, and only the target's log-probability is kept
-(`gather_logprobs`), so the full [tokens, vocab] log-softmax never exists.
+(`gather_logprobs`), so the full [tokens, vocab] log-softmax never exists. The
+head is the model's own output path (longrecipe.head: its soft-capping or logit
+scaling included, checked against its forward), shared with perplexity.
 This module imports torch; import it from stage code only.
 """
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from longrecipe.head import forward_hidden, output_head
 
 # Elements of one logits chunk (fp32: 128 MiB); bounds memory whatever the vocabulary.
 LOGITS_CHUNK_ELEMENTS = 1 << 25
@@ -71,23 +75,21 @@ def short_windows(doc: int, n: int, window: int, stride: int) -> list[Window]:
 def gather_logprobs(
     hidden: torch.Tensor,
     targets: torch.Tensor,
-    head: torch.nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     *,
-    softcap: float | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """log softmax(head(hidden))[target] for each row, in fp32, one chunk of rows at a time."""
+    """log softmax(head(hidden))[target] for each row of `hidden` [n, d], in fp32, one chunk
+    of rows at a time. `head` is the model's own output path (longrecipe.head), so
+    soft-capping and logit scaling are those of the model's forward."""
     n = hidden.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return out
     if chunk is None:
-        vocab = head.weight.shape[0] if hasattr(head, "weight") else 1 << 16
-        chunk = max(16, LOGITS_CHUNK_ELEMENTS // vocab)
+        chunk = max(16, LOGITS_CHUNK_ELEMENTS // getattr(head, "vocab_size", 1 << 16))
     for s in range(0, n, chunk):
         logits = head(hidden[s : s + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
         tgt = targets[s : s + chunk, None]
         picked = logits.gather(-1, tgt) - torch.logsumexp(logits, -1, keepdim=True)
         out[s : s + chunk] = picked[:, 0]
@@ -112,9 +114,7 @@ def score_windows(
     """
     logprob = [np.full(len(d), np.nan, dtype=np.float32) for d in docs]
     context = [np.full(len(d), -1, dtype=np.int32) for d in docs]
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = output_head(model)
     order = sorted(windows, key=lambda w: -w.length)
     i = 0
     with torch.inference_mode():
@@ -129,15 +129,13 @@ def score_windows(
                 mask[r, : w.length] = 1
             pos = torch.arange(width).expand(len(batch), width)
             ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-            hidden = decoder(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
-            ).last_hidden_state
+            hidden = forward_hidden(model, ids, pos, mask)
             # Target j of a row is predicted from hidden state j-1.
             rows = [np.full(w.length - w.score_from, r) for r, w in enumerate(batch)]
             cols = [np.arange(w.score_from, w.length) for w in batch]
             r_t = torch.from_numpy(np.concatenate(rows)).to(device)
             j_t = torch.from_numpy(np.concatenate(cols)).to(device)
-            lp = gather_logprobs(hidden[r_t, j_t - 1], ids[r_t, j_t], head, softcap=softcap)
+            lp = gather_logprobs(hidden[r_t, j_t - 1], ids[r_t, j_t], head)
             lp = lp.cpu().numpy()
             k = 0
             for w in batch:

@@ -51,9 +51,13 @@ def perplexities(
     return out
 
 
-def mean_nll(model, batch: Sequence[Sequence[int]], chunk: int = 1024) -> list[float]:
-    """Mean next-token negative log-likelihood (nats) of each equal-length sequence."""
+def mean_nll(model, batch: Sequence[Sequence[int]], chunk: int | None = None) -> list[float]:
+    """Mean next-token negative log-likelihood (nats) of each equal-length sequence, through
+    the model's own output path in chunks (longrecipe.logprobs.gather_logprobs)."""
     import torch
+
+    from longrecipe.head import forward_hidden, output_head
+    from longrecipe.logprobs import gather_logprobs
 
     lengths = {len(x) for x in batch}
     if len(lengths) != 1 or min(lengths) < 2:
@@ -62,20 +66,10 @@ def mean_nll(model, batch: Sequence[Sequence[int]], chunk: int = 1024) -> list[f
     ids = torch.as_tensor([list(x) for x in batch], dtype=torch.long, device=device)
     mask = torch.ones_like(ids)  # explicit mask: see ML_NOTES on position ids
     pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
+    head = output_head(model)
     with torch.inference_mode():
-        hidden = model.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
-        ).last_hidden_state
-        n = ids.shape[1] - 1
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            logits = head(hidden[:, s:e]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            logp = torch.log_softmax(logits, dim=-1)
-            tgt = ids[:, s + 1 : e + 1]
-            total -= logp.gather(-1, tgt[..., None])[..., 0].double().sum(-1)
-    return (total / n).tolist()
+        hidden = forward_hidden(model, ids, pos, mask)
+        b, n = ids.shape[0], ids.shape[1] - 1
+        lp = gather_logprobs(hidden[:, :-1].reshape(b * n, -1), ids[:, 1:].reshape(-1), head,
+                             chunk=chunk)
+    return (-lp.double().view(b, n).mean(-1)).tolist()
