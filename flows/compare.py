@@ -15,12 +15,14 @@ from prefect.runtime import flow_run
 from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
-from tasks import stages
+from tasks import publish, stages
 
 
 def _run_name() -> str:
     p = flow_run.parameters
-    return "compare " + Path(str(p.get("config", "run"))).stem
+    overrides = p.get("overrides") or []
+    return ("compare " + Path(str(p.get("config", "run"))).stem
+            + (f" [{', '.join(overrides)}]" if overrides else ""))
 
 
 @flow(name="longrecipe-compare", flow_run_name=_run_name, log_prints=True)
@@ -30,7 +32,18 @@ def compare(
     store: str | None = None,
     device: str = "auto",
 ) -> dict[str, dict]:
-    """Compare the methods in `compare.methods` on the recipe in CONFIG."""
+    """Compare extension methods on one recipe: full-length, RPES, PoSE, LongRecipe.
+
+    One ingest and analysis, then each method in the recipe's `compare.methods` with the
+    same samples and steps, evaluated, and one report of scores and training cost
+    relative to full-length training.
+
+    Args:
+        config: Recipe file (YAML), relative to the project folder, e.g. configs/demo.yaml.
+        overrides: Fields to change, each `key.path=value`, e.g. ["compare.methods=[full, longrecipe]"].
+        store: Artifact store root; empty: the worker's LONGRECIPE_STORE, else data/artifacts.
+        device: Where models run: auto (CUDA when there is one), cpu or cuda.
+    """
     cfg = load_config(config, overrides or [])
     return compare_methods(cfg, ArtifactStore(store).root, RuntimeConfig(device=device))
 
@@ -38,30 +51,39 @@ def compare(
 def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> dict[str, dict]:
     t = stages.for_store(store)
     common = dict(store=store, runtime=runtime)
-    out: dict[str, dict] = {"ingest": t["ingest"](cfg.ingest, cfg.model, **common)}
+
+    def about(what: str | None = None) -> dict:
+        return publish.about(cfg.name, cfg.model.source, what)
+
+    out: dict[str, dict] = {"ingest": t["ingest"](cfg.ingest, cfg.model, **common, about=about())}
     if "longrecipe" in cfg.compare.methods:
-        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common)
+        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common, about=about())
     evaluations = [t["evaluate"].with_options(task_run_name="evaluate-base")(
-        cfg.evaluate, {"base": cfg.model}, out["ingest"], **common)]
+        cfg.evaluate, {"base": cfg.model}, out["ingest"], **common, about=about("base"))]
     trainings = {}
     replay = None
     for method in cfg.compare.methods:
         bcfg = cfg.build.model_copy(update={"method": method})
         analysis = out.get("analyze") if method == "longrecipe" else None
-        samples = t["build"].with_options(task_run_name=f"build-{method}")(bcfg, out["ingest"], analysis, **common)
-        model = t["train"].with_options(task_run_name=f"train-{method}")(cfg.train, samples, cfg.model, **common)
+        samples = t["build"].with_options(task_run_name=f"build-{method}")(
+            bcfg, out["ingest"], analysis, **common, about=about(method))
+        model = t["train"].with_options(task_run_name=f"train-{method}")(
+            cfg.train, samples, cfg.model, **common, about=about(method))
         trainings[method] = model
         if cfg.compare.through == "merge":
             if replay is None:
                 replay = t["build"].with_options(task_run_name="build-replay")(
-                    replay_build_config(cfg), out["ingest"], None, **common)
-            annealed = t["anneal"].with_options(task_run_name=f"anneal-{method}")(cfg.anneal, model, replay, **common)
-            model = t["merge"].with_options(task_run_name=f"merge-{method}")(cfg.merge, cfg.model, annealed, **common)
+                    replay_build_config(cfg), out["ingest"], None, **common, about=about("replay"))
+            annealed = t["anneal"].with_options(task_run_name=f"anneal-{method}")(
+                cfg.anneal, model, replay, **common, about=about(method))
+            model = t["merge"].with_options(task_run_name=f"merge-{method}")(
+                cfg.merge, cfg.model, annealed, **common, about=about(method))
         out[f"samples-{method}"], out[f"model-{method}"] = samples, model
         evaluations.append(t["evaluate"].with_options(task_run_name=f"evaluate-{method}")(
-            cfg.evaluate, {method: model}, out["ingest"], **common))
+            cfg.evaluate, {method: model}, out["ingest"], **common, about=about(method)))
     out["evaluations"] = evaluations
-    out["report"] = t["report"](cfg.report, evaluations, trainings, store, title=f"{cfg.name}: method comparison")
+    out["report"] = t["report"](cfg.report, evaluations, trainings, store,
+                                title=f"{cfg.name}: method comparison", about=about("comparison"))
     return out
 
 

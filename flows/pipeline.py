@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
-from tasks import stages
+from tasks import publish, stages
 
 STAGES = stages.STAGES
 
@@ -35,12 +35,21 @@ def pipeline(
     store: str | None = None,
     until: str | None = None,
     device: str = "auto",
-    fail_once_at: str | None = None,
 ) -> dict[str, dict]:
-    """Run the recipe in CONFIG (YAML, with `key.path=value` overrides) up to `until`."""
+    """Run a LongRecipe recipe: ingest, analyze, build, train, anneal, merge, evaluate, report.
+
+    Finished stages are reused from the store (Cached); an unfinished one resumes from
+    its last finished part or checkpoint.
+
+    Args:
+        config: Recipe file (YAML), relative to the project folder, e.g. configs/demo.yaml.
+        overrides: Fields to change, each `key.path=value`, e.g. ["train.optim.max_steps=8"].
+        store: Artifact store root; empty: the worker's LONGRECIPE_STORE, else data/artifacts.
+        until: Stop after this stage (ingest, analyze, build, train, anneal, merge, evaluate, report).
+        device: Where models run: auto (CUDA when there is one), cpu or cuda.
+    """
     cfg = load_config(config, overrides or [])
-    runtime = RuntimeConfig(device=device, fail_once_at=fail_once_at)
-    return run_stages(cfg, ArtifactStore(store).root, runtime, until)
+    return run_stages(cfg, ArtifactStore(store).root, RuntimeConfig(device=device), until)
 
 
 def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: str | None = None) -> dict[str, dict]:
@@ -49,41 +58,46 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
     t = stages.for_store(store)
     out: dict[str, dict] = {}
     common = dict(store=store, runtime=runtime)
+    method = cfg.build.method
 
-    out["ingest"] = t["ingest"](cfg.ingest, cfg.model, **common)
+    def about(what: str | None = None) -> dict:
+        return publish.about(cfg.name, cfg.model.source, what)
+
+    out["ingest"] = t["ingest"](cfg.ingest, cfg.model, **common, about=about())
     if last >= 1:
-        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common)
+        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common, about=about())
     if last >= 2:
-        analysis = out["analyze"] if cfg.build.method == "longrecipe" else None
-        out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common)
+        analysis = out["analyze"] if method == "longrecipe" else None
+        out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common, about=about(method))
     if last >= 3:
-        out["train"] = t["train"](cfg.train, out["build"], cfg.model, **common)
+        out["train"] = t["train"](cfg.train, out["build"], cfg.model, **common, about=about(method))
     if last >= 4:
         replay_docs = out["ingest"]
         if cfg.anneal.replay.sources:
             replay_docs = t["ingest"].with_options(task_run_name="ingest-replay")(
-                cfg.anneal.replay, cfg.model, **common
+                cfg.anneal.replay, cfg.model, **common, about=about("replay")
             )
         out["replay"] = t["build"].with_options(task_run_name="build-replay")(
-            replay_build_config(cfg), replay_docs, None, **common
+            replay_build_config(cfg), replay_docs, None, **common, about=about("replay")
         )
-        out["anneal"] = t["anneal"](cfg.anneal, out["train"], out["replay"], **common)
+        out["anneal"] = t["anneal"](cfg.anneal, out["train"], out["replay"], **common, about=about(method))
     if last >= 5:
-        out["merge"] = t["merge"](cfg.merge, cfg.model, out["anneal"], **common)
+        out["merge"] = t["merge"](cfg.merge, cfg.model, out["anneal"], **common, about=about(method))
     if last >= 6:
         models = {"base": cfg.model, "merged": out["merge"]}
-        out["evaluate"] = t["evaluate"](cfg.evaluate, models, out["ingest"], **common)
+        out["evaluate"] = t["evaluate"](cfg.evaluate, models, out["ingest"], **common, about=about())
     if last >= 7:
         trainings = {"train": out["train"], "anneal": out["anneal"]}
-        out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store, title=f"{cfg.name} report")
+        out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store,
+                                    title=f"{cfg.name} report", about=about())
     return out
 
 
 def run_pipeline(cfg_path: str | Path, overrides: list[str] | None = None, store: str | None = None,
-                 until: str | None = None, device: str = "auto", fail_once_at: str | None = None) -> dict[str, dict]:
+                 until: str | None = None, device: str = "auto") -> dict[str, dict]:
     """Entry point of `longrecipe run`: the flow on the temporary local API."""
     return pipeline(config=str(cfg_path), overrides=list(overrides or []), store=store, until=until,
-                    device=device, fail_once_at=fail_once_at)
+                    device=device)
 
 
 if __name__ == "__main__":

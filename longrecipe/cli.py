@@ -60,7 +60,6 @@ def run(
     ] = None,
     store: StoreOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    fail_once_at: Annotated[str | None, typer.Option(hidden=True, help="Testing: make STAGE fail once.")] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow on a temporary local API (no server needed).
 
@@ -75,11 +74,12 @@ def run(
     def start(root: str) -> dict:
         from flows.pipeline import run_pipeline
 
-        return run_pipeline(config, set_ or [], store=root, until=until, device=device,
-                            fail_once_at=fail_once_at)
+        return run_pipeline(config, set_ or [], store=root, until=until, device=device)
 
-    for stage, ref in _run_flow(config, set_ or [], store, start).items():
+    out = _run_flow(config, set_ or [], store, start)
+    for stage, ref in out.items():
         typer.echo(f"{stage:9s} {ref['key']}  {ref['uri']}")
+    _echo_report(out.get("report"), store)
 
 
 @app.command()
@@ -100,8 +100,23 @@ def compare(
 
         return compare_flow(config=str(config), overrides=set_ or [], store=root, device=device)
 
-    report = _run_flow(config, set_ or [], store, start)["report"]
-    typer.echo(f"report    {report['key']}  {report['uri']}/files/report.md")
+    _echo_report(_run_flow(config, set_ or [], store, start)["report"], store)
+
+
+def _echo_report(ref: dict | None, store: str | None) -> None:
+    """The end of a terminal run: the scores at a glance and where the report is."""
+    if ref is None:
+        return
+    from longrecipe.report import report_file, summary_text
+
+    s = _store(store)
+    report = s.require(ref["stage"], ref["key"])
+    text = summary_text(report, s)
+    if text:
+        typer.echo("\n" + text)
+    typer.echo(f"report: {report_file(report)}")
+    if report_file(report).suffix == ".md":
+        typer.echo(f"        {report_file(report, 'html')} (one page, figures embedded)")
 
 
 def _run_flow(config: Path, overrides: list[str], store: str | None, start) -> dict:

@@ -436,7 +436,8 @@ class ReportConfig(Frozen):
     """The final report."""
 
     format: Literal["markdown", "html"] = "markdown"
-    """Output format."""
+    """Which file the end of a run points to: `report.md` (its figures beside it) or
+    `report.html` (one page, figures embedded); both are always written."""
 
 
 class CompareConfig(Frozen):
@@ -487,12 +488,9 @@ class RuntimeConfig(Frozen):
     workers: int = Field(1, ge=1)
     """Parallel workers where a stage can use them."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress: rich bars on a terminal, a plain line per tenth of a stage in logs."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (None: torch's default)."""
-    fail_once_at: str | None = None
-    """Testing aid: make this stage's task raise once (a marker in the store remembers), to
-    exercise resume. Never set it in a recipe you mean to run."""
 
 
 # --------------------------------------------------------------------------- loading

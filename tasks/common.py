@@ -1,5 +1,6 @@
 """What every stage task shares: the cache key (our stage key), retry rule, ref passing,
-and the Prefect artifact that summarises a stage.
+progress in the run log, and the hook that republishes a reused stage's artifact
+(tasks/publish.py makes the artifacts).
 
 Prefect's default cache policies hash a path as text and see only a task's own
 source (PREFECT_NOTES.md), so the cache key is the stage's content key, and a key
@@ -8,12 +9,14 @@ whose artifact is missing or fails verification is turned into a miss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec
 from longrecipe.errors import InputError
@@ -67,6 +70,8 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def stage_task_options(spec_of) -> dict[str, Any]:
+    from tasks.publish import when_cached
+
     return dict(
         cache_key_fn=stage_cache_key(spec_of),
         persist_result=True,
@@ -74,29 +79,32 @@ def stage_task_options(spec_of) -> dict[str, Any]:
         retries=1,
         retry_delay_seconds=2,
         retry_condition_fn=retry_unless_bad_input,
+        on_completion=[when_cached],
     )
 
 
-def summarize(ref: ArtifactRef) -> None:
-    """One Markdown Prefect artifact per stage: key, rows, sizes, time, folder."""
-    m = ref.manifest
-    size = sum(f["size"] for f in m["files"])
-    rows = "\n".join(
-        f"| {t} | {v['rows']:,} | {v['parts']} | {v['bytes']:,} |" for t, v in m.get("tables", {}).items()
-    )
-    info = "\n".join(f"- **{k}**: {v}" for k, v in sorted(m.get("info", {}).items()) if not isinstance(v, dict | list))
-    md = (
-        f"# {ref.stage} `{ref.key}`\n\n"
-        f"- folder: [{ref.uri}](file://{ref.uri})\n- stage version: {m['stage_version']}\n"
-        f"- seconds: {m['timings']['seconds']}\n- resumed parts: {m['timings'].get('resumed_parts', 0)}\n"
-        f"- files: {len(m['files'])}, {size:,} bytes\n- code: {m['code_version']}\n\n"
-        + (f"| table | rows | parts | bytes |\n|---|---|---|---|\n{rows}\n\n" if rows else "")
-        + info
-    )
-    try:
-        create_markdown_artifact(md, key=f"{ref.stage}-{ref.key}", description=f"{ref.stage} {ref.key}")
-    except Exception as e:  # an artifact is a nicety; never fail a stage for it
-        _log(f"could not create Prefect artifact: {e}")
+@contextlib.contextmanager
+def stage_progress() -> Iterator[None]:
+    """Around a stage's library call: its progress lines also go to the run log (to
+    Prefect's API only; the terminal already shows the bar or the plain lines), and
+    Hugging Face's own bars stay off."""
+    from longrecipe.progress import progress_lines, quiet_hf
+
+    with progress_lines(_progress_logger().info), quiet_hf():
+        yield
+
+
+def _progress_logger() -> logging.Logger:
+    """`longrecipe.progress`: INFO records to Prefect's API handler alone (no console), so
+    the UI's run log shows progress whatever PREFECT_LOGGING_LEVEL the console has."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("longrecipe.progress")
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def _log(msg: str) -> None:
@@ -109,15 +117,20 @@ def _log(msg: str) -> None:
 
 
 class InjectedFailure(RuntimeError):
-    """Raised once by `RuntimeConfig.fail_once_at` (resume tests). Never retried."""
+    """Raised once by FAIL_ONCE_ENV (resume tests). Never retried."""
 
 
-def maybe_fail(stage: str, store_root: str, runtime) -> None:
-    """Raise once for the named stage: a marker file in the store remembers it happened."""
-    if getattr(runtime, "fail_once_at", None) != stage:
+FAIL_ONCE_ENV = "LONGRECIPE_FAIL_ONCE_AT"
+"""Testing aid, read by the task layer only (never a flow parameter): the stage named in
+this environment variable raises once; a marker file in the store remembers it did."""
+
+
+def maybe_fail(stage: str, store_root: str) -> None:
+    """Raise once for the stage named in $LONGRECIPE_FAIL_ONCE_AT."""
+    if os.environ.get(FAIL_ONCE_ENV) != stage:
         return
     marker = Path(store_root) / "_prefect" / f"failed-once-{stage}"
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("injected failure happened\n")
-        raise InjectedFailure(f"injected failure in stage {stage} (runtime.fail_once_at)")
+        raise InjectedFailure(f"injected failure in stage {stage} ({FAIL_ONCE_ENV})")

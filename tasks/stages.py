@@ -1,5 +1,7 @@
-"""One thin Prefect task per stage. Each body: call the library's run_<stage>,
-publish a summary artifact, return the artifact as a small dict."""
+"""One thin Prefect task per stage. Each body: call the library's run_<stage> (its
+progress also in the run log), publish its Prefect artifact (tasks/publish.py), return
+the artifact as a small dict. `about` (recipe, method, model) only names the Prefect
+artifact; it never enters a key."""
 
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from tasks.common import (
     maybe_fail,
     ref_dict,
     results_dir,
+    stage_progress,
     stage_task_options,
-    summarize,
 )
+from tasks.publish import About, publish_evaluation, publish_report, publish_summary
 
 STAGES = ("ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report")
 
@@ -45,13 +48,15 @@ def _ingest_spec(store, p):
 
 
 @task(name="ingest", task_run_name="ingest", **stage_task_options(_ingest_spec))
-def ingest(cfg: IngestConfig, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+def ingest(cfg: IngestConfig, model: ModelSpec, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Read and tokenize the corpus into `documents`."""
     from longrecipe.ingest import run_ingest
 
-    maybe_fail("ingest", store, runtime)
-    ref = run_ingest(cfg, model, ArtifactStore(store), runtime)
-    summarize(ref)
+    maybe_fail("ingest", store)
+    with stage_progress():
+        ref = run_ingest(cfg, model, ArtifactStore(store), runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -65,14 +70,16 @@ def _analyze_spec(store, p):
 
 
 @task(name="analyze", task_run_name="analyze", **stage_task_options(_analyze_spec))
-def analyze(cfg: AnalyzeConfig, documents: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+def analyze(cfg: AnalyzeConfig, documents: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Score tokens and flag impactful ones: token_scores, token_stats, sentences."""
     from longrecipe.analyze import run_analyze
 
-    maybe_fail("analyze", store, runtime)
+    maybe_fail("analyze", store)
     s = ArtifactStore(store)
-    ref = run_analyze(cfg, load_ref(s, documents), model, s, runtime)
-    summarize(ref)
+    with stage_progress():
+        ref = run_analyze(cfg, load_ref(s, documents), model, s, runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -84,14 +91,16 @@ def _build_spec(store, p):
 
 
 @task(name="build", task_run_name="build-{cfg.method}", **stage_task_options(_build_spec))
-def build(cfg: BuildConfig, documents: RefDict, analysis: RefDict | None, store: str, runtime: RuntimeConfig) -> RefDict:
+def build(cfg: BuildConfig, documents: RefDict, analysis: RefDict | None, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Make training samples with their position ids."""
     from longrecipe.build import run_build
 
-    maybe_fail("build", store, runtime)
+    maybe_fail("build", store)
     s = ArtifactStore(store)
-    ref = run_build(cfg, load_ref(s, documents), load_ref(s, analysis), s, runtime)
-    summarize(ref)
+    with stage_progress():
+        ref = run_build(cfg, load_ref(s, documents), load_ref(s, analysis), s, runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -103,14 +112,16 @@ def _train_spec(store, p):
 
 
 @task(name="train", task_run_name="train", **stage_task_options(_train_spec))
-def train(cfg: TrainConfig, samples: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig) -> RefDict:
+def train(cfg: TrainConfig, samples: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Context-extension training on the samples (stage 0)."""
     from longrecipe.train import run_train
 
-    maybe_fail("train", store, runtime)
+    maybe_fail("train", store)
     s = ArtifactStore(store)
-    ref = run_train(cfg, load_ref(s, samples), model, s, runtime)
-    summarize(ref)
+    with stage_progress():
+        ref = run_train(cfg, load_ref(s, samples), model, s, runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -122,14 +133,16 @@ def _anneal_spec(store, p):
 
 
 @task(name="anneal", task_run_name="anneal", **stage_task_options(_anneal_spec))
-def anneal(cfg: AnnealConfig, model: RefDict, replay: RefDict, store: str, runtime: RuntimeConfig) -> RefDict:
+def anneal(cfg: AnnealConfig, model: RefDict, replay: RefDict, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Anneal the trained model on replay data, learning rate to zero (stage 1)."""
     from longrecipe.anneal import run_anneal
 
-    maybe_fail("anneal", store, runtime)
+    maybe_fail("anneal", store)
     s = ArtifactStore(store)
-    ref = run_anneal(cfg, load_ref(s, model), load_ref(s, replay), s, runtime)
-    summarize(ref)
+    with stage_progress():
+        ref = run_anneal(cfg, load_ref(s, model), load_ref(s, replay), s, runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -141,14 +154,16 @@ def _merge_spec(store, p):
 
 
 @task(name="merge", task_run_name="merge", **stage_task_options(_merge_spec))
-def merge(cfg: MergeConfig, original: ModelSpec, annealed: RefDict, store: str, runtime: RuntimeConfig) -> RefDict:
+def merge(cfg: MergeConfig, original: ModelSpec, annealed: RefDict, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """Average the original and annealed weights (stage 2)."""
     from longrecipe.merge import run_merge
 
-    maybe_fail("merge", store, runtime)
+    maybe_fail("merge", store)
     s = ArtifactStore(store)
-    ref = run_merge(cfg, original, load_ref(s, annealed), s, runtime)
-    summarize(ref)
+    with stage_progress():
+        ref = run_merge(cfg, original, load_ref(s, annealed), s, runtime)
+    publish_summary(ref, about)
     return ref_dict(ref)
 
 
@@ -166,31 +181,17 @@ def _evaluate_spec(store, p):
 
 
 @task(name="evaluate", task_run_name="evaluate", **stage_task_options(_evaluate_spec))
-def evaluate(cfg: EvaluateConfig, models: dict, documents: RefDict | None, store: str, runtime: RuntimeConfig) -> RefDict:
+def evaluate(cfg: EvaluateConfig, models: dict, documents: RefDict | None, store: str, runtime: RuntimeConfig,
+        about: About | None = None) -> RefDict:
     """NIAH / RULER / perplexity / retention for each model."""
     from longrecipe.evaluate import run_evaluate
 
-    maybe_fail("evaluate", store, runtime)
+    maybe_fail("evaluate", store)
     s = ArtifactStore(store)
-    ref = run_evaluate(cfg, _models(s, models), s, runtime, documents=load_ref(s, documents))
-    summarize(ref)
-    publish_scores(ref)
+    with stage_progress():
+        ref = run_evaluate(cfg, _models(s, models), s, runtime, documents=load_ref(s, documents))
+    publish_evaluation(ref, about)
     return ref_dict(ref)
-
-
-def publish_scores(ref) -> None:
-    """A Prefect table artifact of the mean score per model, suite and length."""
-    from prefect.artifacts import create_table_artifact
-
-    from longrecipe.report import score_table
-
-    try:
-        rows = score_table(ref)
-        create_table_artifact(rows, key=f"scores-{ref.key}", description=f"evaluation {ref.key}")
-    except Exception as e:  # a nicety, never a failure
-        from tasks.common import _log
-
-        _log(f"could not create the score table artifact: {e}")
 
 
 # -- report
@@ -203,15 +204,12 @@ def _report_spec(store, p):
 
 @task(name="report", task_run_name="report", **stage_task_options(_report_spec))
 def report(cfg: ReportConfig, evaluations: list[RefDict], trainings: dict[str, RefDict], store: str,
-           title: str = "longrecipe report") -> RefDict:
-    """Scores and training costs as Markdown with plots."""
-    from prefect.artifacts import create_markdown_artifact
-
+           title: str = "longrecipe report", about: About | None = None) -> RefDict:
+    """Scores and training costs: report.md with its figures, and report.html."""
     from longrecipe.report import run_report
 
     s = ArtifactStore(store)
     ref = run_report(cfg, [load_ref(s, r) for r in evaluations],
                      {k: load_ref(s, v) for k, v in trainings.items()}, s, title)
-    md = (ref.path / "files" / "report.md").read_text()
-    create_markdown_artifact(md, key=f"report-{ref.key}", description=title)
+    publish_report(ref, about)
     return ref_dict(ref)

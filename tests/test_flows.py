@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from longrecipe.artifacts import ArtifactStore
+from tasks.common import FAIL_ONCE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +39,10 @@ def _run_args(store: Path, *extra: str) -> list[str]:
             "--device", "cpu", *sets, *extra]
 
 
-def run_cli(tmp: Path, store: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(_run_args(store, *extra), cwd=ROOT, env=_env(tmp), capture_output=True,
+def run_cli(tmp: Path, store: Path, *extra: str, timeout: int = 600,
+            fail_once_at: str | None = None) -> subprocess.CompletedProcess:
+    env = _env(tmp) | ({FAIL_ONCE_ENV: fail_once_at} if fail_once_at else {})
+    return subprocess.run(_run_args(store, *extra), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -84,6 +87,16 @@ def task_states(tmp: Path) -> list[tuple[str, str]]:
         con.close()
 
 
+def newest_run(tmp: Path, sql: str) -> list[tuple]:
+    """Rows of `sql` (with one ? for the flow run id) for the newest flow run."""
+    con = sqlite3.connect(tmp / "prefect" / "prefect.db")
+    try:
+        run_id = con.execute("SELECT id FROM flow_run ORDER BY created DESC LIMIT 1").fetchone()[0]
+        return con.execute(sql, (run_id,)).fetchall()
+    finally:
+        con.close()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run: what every resumed run must equal."""
@@ -97,17 +110,34 @@ def test_uninterrupted_run_then_everything_cached(reference):
     tmp, ref_keys, _ = reference
     stages = {k.split("/")[0] for k in ref_keys}
     assert {"ingest", "analyze", "build", "train", "anneal", "merge", "evaluate", "report"} <= stages
+    # the first run's log (what the UI shows) has each stage's progress lines
+    progress = [m for (m,) in newest_run(tmp, "SELECT message FROM log WHERE flow_run_id = ? "
+                                              "AND name = 'longrecipe.progress'")]
+    for stage in ("ingest", "analyze", "build", "train", "anneal", "evaluate"):
+        assert any(m.startswith(f"{stage}: done: ") for m in progress), (stage, progress)
     r = run_cli(tmp, tmp / "store")
     assert r.returncode == 0, r.stderr[-3000:]
     states = task_states(tmp)
     assert states and all(s == "Cached" for _, s in states), states
     assert keys(tmp / "store") == ref_keys
+    # the cached rerun links what it reused: each stage's artifact again, marked reused,
+    # under a key naming recipe, stage and method
+    arts = newest_run(tmp, "SELECT key, description FROM artifact WHERE flow_run_id = ?")
+    got = {k for k, _ in arts}
+    assert {"tiny-ingest", "tiny-analyze", "tiny-build-longrecipe", "tiny-build-replay",
+            "tiny-train-longrecipe", "tiny-anneal-longrecipe", "tiny-merge-longrecipe",
+            "tiny-evaluate", "tiny-scores", "tiny-report"} <= got, got
+    assert all("reused" in d for _, d in arts), arts
+    # the end of a terminal run: the scores at a glance and where the report is
+    assert "| model |" not in r.stdout and "NIAH 512" in r.stdout and "merged" in r.stdout
+    report = next(ArtifactStore(tmp / "store").iter_refs("report"))
+    assert f"report: {report.path / 'files' / 'report.md'}" in r.stdout
 
 
 def test_failed_stage_resumes_with_finished_stages_cached(tmp_path, reference):
     _, ref_keys, ref_content = reference
     store = tmp_path / "store"
-    r = run_cli(tmp_path, store, "--fail-once-at", "train")
+    r = run_cli(tmp_path, store, fail_once_at="train")
     assert r.returncode == 1 and "injected failure" in r.stderr
     assert not any(k.startswith("train/") for k in keys(store))
     r = run_cli(tmp_path, store)
@@ -156,7 +186,7 @@ def test_sigkill_resumes_from_last_part(tmp_path, reference, stage, pattern):
 def test_flow_run_retry_resumes(tmp_path, reference):
     _, ref_keys, _ = reference
     store = tmp_path / "store"
-    r = run_cli(tmp_path, store, "--fail-once-at", "build")
+    r = run_cli(tmp_path, store, fail_once_at="build")
     assert r.returncode == 1
     con = sqlite3.connect(tmp_path / "prefect" / "prefect.db")
     run_id, state = con.execute("SELECT id, state_name FROM flow_run ORDER BY created DESC LIMIT 1").fetchone()
@@ -231,5 +261,9 @@ def test_report_command_over_the_store(reference, tmp_path):
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
-    assert "| base | niah |" in text and "| merged | perplexity |" in text
-    assert "## Training cost" in text and (tmp_path / "scores.png").stat().st_size > 1000
+    assert "## At a glance" in text and "| base |" in text and "| merged |" in text
+    assert "## Training cost" in text and (tmp_path / "heatmaps.png").stat().st_size > 1000
+    # figures by name, the store by a relative path; the HTML page beside it embeds them
+    assert str(ref_tmp) not in text and "](../" in text and "](niah.png)" in text
+    page = out.with_suffix(".html").read_text()
+    assert str(ref_tmp) not in page and page.count('<img src="data:image/png;base64,') == 3

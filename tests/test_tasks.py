@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from longrecipe.artifacts import StageSpec
-from longrecipe.config import RuntimeConfig
 from longrecipe.errors import InputError
 from tasks.common import (
+    FAIL_ONCE_ENV,
     InjectedFailure,
     maybe_fail,
     results_dir,
@@ -57,9 +57,26 @@ def test_cache_key_is_the_stage_key_and_a_corrupt_artifact_drops_the_record(stor
     assert not record.exists()
 
 
-def test_fail_once_raises_exactly_once(store):
-    rt = RuntimeConfig(fail_once_at="train")
-    maybe_fail("ingest", store.root, rt)  # other stages untouched
+def test_fail_once_raises_exactly_once(store, monkeypatch):
+    monkeypatch.setenv(FAIL_ONCE_ENV, "train")
+    maybe_fail("ingest", store.root)  # other stages untouched
     with pytest.raises(InjectedFailure):
-        maybe_fail("train", store.root, rt)
-    maybe_fail("train", store.root, rt)  # second time passes
+        maybe_fail("train", store.root)
+    maybe_fail("train", store.root)  # second time passes
+
+
+@pytest.mark.parametrize("entry", ["flows.pipeline:pipeline", "flows.compare:compare",
+                                   "flows.evaluate:evaluate_models"])
+def test_flow_parameters_are_described_and_hold_no_test_hook(entry):
+    """What Prefect's Custom Run form shows: a description for every parameter (from the
+    flow's docstring), and no testing aid among them."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    module, name = entry.split(":")
+    flow = getattr(importlib.import_module(module), name)
+    props = parameter_schema(flow.fn).model_dump_for_openapi()["properties"]
+    assert "config" in props and "fail_once_at" not in props
+    for param, schema in props.items():
+        assert len(schema.get("description", "")) > 10, f"{entry}: {param} has no description"
