@@ -66,6 +66,17 @@ SCALES = {
         pretrain_mix=(0.4, 0.4),
         extension_retrieval=dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002),
     ),
+    # The base model shipped for `make demo` (models/passkey-llama-2.6m): the CPU study's
+    # recipe with a model 2.3x larger (hidden 192, 5 layers, 6 heads of 32), whose fp32
+    # weights still fit in the repository (10.4 MB). Only prepare and pretrain are used.
+    "demo": Scale(
+        name="demo",
+        shape=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=5, num_attention_heads=6,
+                   num_key_value_heads=6, max_position_embeddings=256, rope_parameters=_ROPE),
+        pretrain="pretrain.yaml", study="study.yaml", runs="runs-demo", results="results-demo",
+        device="cpu", pretrain_mix=(0.4, 0.4),
+        extension_retrieval=dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002),
+    ),
     # One GPU: the same study with a model ten times larger (docs/study.md, GPU section).
     "gpu": Scale(
         name="gpu",
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gate", action="store_true",
                    help="go on to the extension even when the base model misses the NIAH gate")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="cpu: the published 1.1M-parameter study; gpu: a 10x model on CUDA")
+                   help="cpu: the published 1.1M-parameter study; gpu: a 10x model on CUDA; "
+                        "demo: the 2.6M base shipped for make demo (prepare and pretrain only)")
     p.add_argument("--engine", choices=["prefect", "library"], default="prefect",
                    help="run the comparison with the compare flow (prefect) or by calling the "
                         "same library stage functions in the flow's order (library: for machines "
