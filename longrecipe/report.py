@@ -215,13 +215,20 @@ def glance_table(rows: list[dict], order: list[str], labels: dict,
     n_len = sorted({n for _, n in niah})
     p_len = max((n for _, n in ppl), default=None)
     full = costs.get("full")
-    head = ["model"] + [f"NIAH {n:,}" for n in n_len] + ([f"perplexity {p_len:,}"] if p_len else [])
+    pooled = n_len[1:]  # beyond the shortest length (in a comparison: the base's window)
+    head = ["model"] + [f"NIAH {n:,}" for n in n_len]
+    if len(pooled) > 1:
+        head.append(f"NIAH {pooled[0]:,}-{pooled[-1]:,}")
+    head += [f"perplexity {p_len:,}"] if p_len else []
     if full:
         head += ["training FLOPs vs full", "training time vs full"]
     body = []
     for m in order:
         cells = [labels.get(m, m)]
         cells += [f"{v:.0f}%" if (v := niah.get((m, n))) is not None else "-" for n in n_len]
+        if len(pooled) > 1:
+            vals = [niah[(m, n)] for n in pooled if niah.get((m, n)) is not None]
+            cells.append(f"{sum(vals) / len(vals):.1f}%" if len(vals) == len(pooled) else "-")
         if p_len:
             cells.append(f"{v:.2f}" if (v := ppl.get((m, p_len))) is not None else "-")
         if full:
@@ -229,7 +236,9 @@ def glance_table(rows: list[dict], order: list[str], labels: dict,
             cells.append(f"{c['flops'] / full['flops']:.2f}x" if c and full["flops"] else "-")
             cells.append(f"{c['seconds'] / full['seconds']:.2f}x" if c and full["seconds"] else "-")
         body.append(cells)
-    note = ("NIAH: % of pass keys retrieved at each context length (input plus answer). "
+    note = ("NIAH: % of pass keys retrieved at each context length (input plus answer)"
+            + (f"; {pooled[0]:,}-{pooled[-1]:,}: the mean over the lengths above the shortest "
+               "(the same prompts per length). " if len(pooled) > 1 else ". ")
             + (f"Perplexity: held-out text at {p_len:,} tokens. " if p_len else "")
             + ("Cost: the extension training (stage 0) of each method against full-length "
                "training at the same samples and steps; annealing is the same for every method."
