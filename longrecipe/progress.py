@@ -153,7 +153,10 @@ def emit(line: str, to_stderr: bool = True) -> None:
         except Exception:  # a log sink must never fail a stage
             pass
     if to_stderr:
-        print(line, file=sys.stderr, flush=True)
+        # not print(): inside a Prefect flow with log_prints, print() becomes a log record
+        # that the console may filter out, and a log without a terminal must show it
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager
