@@ -113,7 +113,7 @@ def render(evaluations: list[ArtifactRef], trainings: Mapping[str, ArtifactRef],
                   "model; lower is better.\n",
                   _pivot(ppl, order, labels, "perplexity", "{:.2f}"),
                   _figure(out, "perplexity.png", "Perplexity by context length",
-                          lines_png(_series(ppl, order, labels, "perplexity"), "perplexity", logy=True))]
+                          lines_png(_series(ppl, order, labels, "perplexity"), "perplexity"))]
     ret = [r for r in rows if r["suite"] == "retention"]
     if ret:
         parts += ["\n## Retention: short-context perplexity\n",
@@ -219,9 +219,9 @@ def glance_table(rows: list[dict], order: list[str], labels: dict,
     head = ["model"] + [f"NIAH {n:,}" for n in n_len]
     if len(pooled) > 1:
         head.append(f"NIAH {pooled[0]:,}-{pooled[-1]:,}")
-    head += [f"perplexity {p_len:,}"] if p_len else []
+    head += [f"ppl {p_len:,}"] if p_len else []
     if full:
-        head += ["training FLOPs vs full", "training time vs full"]
+        head += ["FLOPs vs full", "time vs full"]
     body = []
     for m in order:
         cells = [labels.get(m, m)]
@@ -239,8 +239,8 @@ def glance_table(rows: list[dict], order: list[str], labels: dict,
     note = ("NIAH: % of pass keys retrieved at each context length (input plus answer)"
             + (f"; {pooled[0]:,}-{pooled[-1]:,}: the mean over the lengths above the shortest "
                "(the same prompts per length). " if len(pooled) > 1 else ". ")
-            + (f"Perplexity: held-out text at {p_len:,} tokens. " if p_len else "")
-            + ("Cost: the extension training (stage 0) of each method against full-length "
+            + (f"ppl: perplexity of held-out text at {p_len:,} tokens. " if p_len else "")
+            + ("FLOPs, time: the extension training (stage 0) of each method against full-length "
                "training at the same samples and steps; annealing is the same for every method."
                if full else "")).rstrip()
     return head, body, note
@@ -308,9 +308,8 @@ def _artifact_lines(evaluations: list[ArtifactRef], trainings: Mapping[str, Arti
     def line(what: str, stage: str, key: str, model: bool = False) -> str:
         out = f"- {what}: {stage} `{key}`"
         if link_root:
-            out += f", [manifest]({link_root}/{stage}/{key}/manifest.json)"
-            if model:
-                out += f", [model folder]({link_root}/{stage}/{key}/files/model/)"
+            out += f" ([manifest]({link_root}/{stage}/{key}/manifest.json)"
+            out += f", [model folder]({link_root}/{stage}/{key}/files/model/))" if model else ")"
         return out
 
     lines, seen = [], set()

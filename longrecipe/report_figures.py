@@ -30,7 +30,7 @@ def _png(fig) -> bytes:
 
 
 def lines_png(series: dict[str, list[tuple[int, float]]], ylabel: str, *,
-              ylim: tuple[float, float] | None = None, logy: bool = False) -> bytes | None:
+              ylim: tuple[float, float] | None = None) -> bytes | None:
     """One line per model: (context length, value) points."""
     if not series:
         return None
@@ -45,12 +45,6 @@ def lines_png(series: dict[str, list[tuple[int, float]]], ylabel: str, *,
         ax.set_ylabel(ylabel)
         if ylim:
             ax.set_ylim(ylim[0] - 0.03 * (ylim[1] - ylim[0]), ylim[1] * 1.03)
-        if logy:
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return _png(fig)
@@ -97,6 +91,8 @@ def heatmaps_png(by_model: dict[str, list[tuple[float, int, float]]]) -> bytes |
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+_LOCAL_LINKS = re.compile(r" \((?:, )?(?:\[[^\]]*\]\((?![a-z]+://)[^)\s]+\)(?:, )?)+\)")
+"""A parenthesised list of links to local files: dropped whole where they cannot open."""
 
 
 def embedded_markdown(md: str, folder: Path) -> str:
@@ -109,7 +105,7 @@ def embedded_markdown(md: str, folder: Path) -> str:
     def link(m: re.Match) -> str:
         return m.group(0) if re.match(r"^[a-z]+://", m.group(2)) else m.group(1)
 
-    return _LINK.sub(link, _IMAGE.sub(image, md))
+    return _LINK.sub(link, _LOCAL_LINKS.sub("", _IMAGE.sub(image, md)))
 
 
 def to_html(md: str, folder: Path, title: str) -> str:

@@ -134,8 +134,8 @@ def _description(ref: ArtifactRef, about: About | None, reused: bool) -> str:
         if t in ("documents", "samples", "eval_results"):
             facts.append(f"{v['rows']:,} {t.replace('_', ' ')}")
     facts.append(f"{ref.manifest['timings']['seconds']:.0f} s")
-    return (f"**{title(ref, about)}**. " + ", ".join(facts) + f"; `{ref.stage}/{ref.key}`"
-            + (" (reused: Cached)" if reused else ""))
+    return (("Reused (Cached): " if reused else "") + f"**{title(ref, about)}**. " + ", ".join(facts)
+            + f"; `{ref.stage}/{ref.key}`")
 
 
 def _reused_line(ref: ArtifactRef) -> str:

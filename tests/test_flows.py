@@ -127,7 +127,7 @@ def test_uninterrupted_run_then_everything_cached(reference):
     assert {"tiny-ingest", "tiny-analyze", "tiny-build-longrecipe", "tiny-build-replay",
             "tiny-train-longrecipe", "tiny-anneal-longrecipe", "tiny-merge-longrecipe",
             "tiny-evaluate", "tiny-scores", "tiny-report"} <= got, got
-    assert all("reused" in d for _, d in arts), arts
+    assert all(d.startswith("Reused (Cached): ") for _, d in arts), arts
     # the end of a terminal run: the scores at a glance and where the report is
     assert "| model |" not in r.stdout and "NIAH 512" in r.stdout and "merged" in r.stdout
     report = next(ArtifactStore(tmp / "store").iter_refs("report"))

@@ -76,14 +76,14 @@ def test_at_a_glance_shows_each_model_and_cost_relative_to_full(comparison):
     md = (report.path / "files" / "report.md").read_text()
     glance = md.split("## At a glance")[1].split("\n## ")[0]
     rows = [line for line in glance.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| model | NIAH 512 | NIAH 1,024 | perplexity 1,024 | training FLOPs vs full")
+    assert rows[0].startswith("| model | NIAH 512 | NIAH 1,024 | ppl 1,024 | FLOPs vs full | time vs full |")
     names = [r.split("|")[1].strip() for r in rows[1:]]
     assert names == ["base", "full-length (FLT) + anneal + merge", "PoSE + anneal + merge"]
     assert rows[2].rstrip().endswith("| 1.00x | 1.00x |")
     pose_flops = float(rows[3].split("|")[-3].strip().rstrip("x"))
     assert 0 < pose_flops < 0.5  # 300-token samples against 1,024
     text = summary_text(report, store)
-    assert "PoSE + anneal + merge" in text and "training FLOPs vs full" in text
+    assert "PoSE + anneal + merge" in text and "FLOPs vs full" in text
 
 
 def test_prefect_report_markdown_references_no_local_file(comparison, monkeypatch):
@@ -120,4 +120,4 @@ def test_stage_artifacts_are_named_for_recipe_method_and_model(comparison, monke
     assert key == key2 == "demo-train-pose"
     assert md.startswith("# Stage 0 (extension) training, PoSE: recipe demo, model passkey-llama-256")
     assert "passkey-llama-256" in description and "PoSE" in description and train.key in description
-    assert "Reused" in md2 and "reused" in description2 and "Reused" not in md
+    assert "Reused" in md2 and description2.startswith("Reused (Cached): ") and "Reused" not in md
