@@ -1,8 +1,8 @@
 """Progress of a long stage, wherever it runs.
 
 On a terminal: a rich bar (rates in units per second). Without one (CI, a Prefect
-worker's log, output piped to a file): plain lines, one per tenth of the work (and at
-least one a minute), so a log shows where a stage is. Either way the same lines go to
+worker's log, output piped to a file): plain lines, one per tenth of the work (at least
+one a minute, none closer than 2 s, and a last one), so a log shows where a stage is. Either way the same lines go to
 whoever listens (`progress_lines`): the task layer sends them to Prefect's run log. While
 a bar is shown, Hugging Face's own bars are off, so they never break into ours.
 """
@@ -30,6 +30,8 @@ LINES_PER_STAGE = 10
 """Plain lines per bar with a known total: one per tenth of it."""
 HEARTBEAT_S = 60.0
 """A plain line at least this often while a stage advances."""
+MIN_INTERVAL_S = 2.0
+"""No two lines closer than this (but the last): a stage of seconds says little."""
 
 _listeners: list[Callable[[str], None]] = []
 
@@ -126,7 +128,8 @@ class Bar:
         tenth = math.floor(LINES_PER_STAGE * min(self.done / self.total, 1.0))
         if tenth >= self._next_tenth:
             self._next_tenth = tenth + 1
-            return tenth < LINES_PER_STAGE  # the last one is said by finish()
+            # the last one is said by finish()
+            return tenth < LINES_PER_STAGE and self._clock() - self._last >= MIN_INTERVAL_S
         return False
 
     def _say(self, final: bool = False) -> None:

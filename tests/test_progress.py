@@ -11,6 +11,8 @@ from longrecipe.progress import progress_bar, progress_lines
 
 @pytest.fixture
 def terminal(monkeypatch):
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)  # the loops below take no time
+
     def set_terminal(on: bool) -> None:
         monkeypatch.setattr(progress, "on_terminal", lambda: on)
 
@@ -55,6 +57,17 @@ def test_on_a_terminal_the_bar_draws_and_listeners_get_the_lines(terminal, capsy
     with progress_bar("evaluate", unit="samples", total=20) as bar:
         bar.advance(20)
     assert heard == []  # listeners only inside their block
+
+
+def test_a_stage_of_seconds_says_little(terminal, capsys, monkeypatch):
+    terminal(False)
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 2.0)
+    with progress_bar("merge", unit="tensors", total=47) as bar:
+        for _ in range(47):
+            bar.advance(1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    # only the last line: every tenth came less than MIN_INTERVAL_S after the start
+    assert len(lines) == 1 and lines[0].startswith("merge: done: 47/47 tensors (100%)")
 
 
 def test_listener_failure_never_fails_a_stage_and_off_means_silent(terminal, capsys):
