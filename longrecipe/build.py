@@ -6,10 +6,14 @@ Reads `documents` (and, for LongRecipe, the analysis `sentences`), writes
 How a sample is made. The documents of the chosen split, in artifact order,
 form one stream of pieces: whole documents for full/randomized/pose, the kept
 sentences for longrecipe (every sentence with an impactful token, each other
-one with probability keep_ratio). Sample k takes stream tokens
-[k*n, (k+1)*n): a document that runs out continues into the next one and a
-sentence cut at the end of a sample starts the next sample; the tail shorter
-than n is dropped. Position ids are then computed on exactly those tokens
+one with probability keep_ratio), each document followed by the tokenizer's
+EOS (the id ingest recorded), so packed documents never run into each other
+unmarked. The EOS is stored as the document's virtual token n_tokens: a span
+[s, n_tokens + 1) ends with it, and it follows the last kept sentence with no
+gap when that sentence ends the document (else it is a piece of its own).
+Sample k takes stream tokens [k*n, (k+1)*n): a document that runs out
+continues into the next one and a sentence cut at the end of a sample starts
+the next sample; the tail shorter than n is dropped. Position ids are then computed on exactly those tokens
 (longrecipe.positions) and checked before the part is written.
 
 All randomness is keyed: keep decisions by (seed, sentence's place in the
@@ -41,7 +45,7 @@ from longrecipe.positions import (
 from longrecipe.progress import progress_bar
 
 STAGE = "build"
-STAGE_VERSION = "build_v1"
+STAGE_VERSION = "build_v2"  # v2: the tokenizer's EOS after every packed document
 
 SPAN_TYPE = pa.struct([("doc_id", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 SAMPLES_SCHEMA = pa.schema(
@@ -128,6 +132,7 @@ def run_build(
     if done is not None:
         return done
     # Plan before taking the lock so bad input fails without leaving a partial folder.
+    eos = document_eos(documents)
     docs = read_document_index(documents)
     if cfg.method == "longrecipe":
         assert analysis is not None
@@ -154,7 +159,7 @@ def run_build(
         )
 
     def body(w: StageWriter) -> None:
-        tokens = DocumentTokens(documents, docs)
+        tokens = DocumentTokens(documents, docs, eos)
         coverage = Coverage(cfg.target_len)
         with progress_bar("build", runtime.progress, unit="tok", total=n_samples * length) as bar:
             for part, first in enumerate(range(0, n_samples, cfg.shard_samples)):
@@ -170,6 +175,8 @@ def run_build(
         w.write_table("coverage", coverage.table())
         w.info.update(
             method=cfg.method,
+            eos_token_id=eos,
+            special_tokens=documents.info.get("special_tokens"),
             sample_len=length,
             target_len=cfg.target_len,
             tokens=n_samples * length,
@@ -198,6 +205,23 @@ def count_samples(cfg: BuildConfig, total_tokens: int) -> int:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def document_eos(documents: ArtifactRef) -> int:
+    """The EOS id build puts after every document: the tokenizer's, as ingest recorded it."""
+    special = documents.info.get("special_tokens")
+    where = f"{documents.stage}/{documents.key}"
+    if not isinstance(special, dict):
+        raise BuildError(
+            f"{where} records no special tokens (made by an ingest before ingest_v2?): "
+            "rerun the ingest stage"
+        )
+    eos = special.get("eos_token_id")
+    if eos is None:
+        raise BuildError(
+            f"{where}: the tokenizer has no EOS token, so packed documents cannot be separated"
+        )
+    return int(eos)
 
 
 @dataclass
@@ -294,10 +318,12 @@ def read_sentences(analysis: ArtifactRef, documents: ArtifactRef, docs: DocIndex
 
 
 class DocumentTokens:
-    """input_ids of documents, read one Parquet part at a time as the stream advances."""
+    """input_ids of documents, read one Parquet part at a time as the stream advances;
+    index n_tokens of a document is its EOS (see the module docstring)."""
 
-    def __init__(self, documents: ArtifactRef, docs: DocIndex):
+    def __init__(self, documents: ArtifactRef, docs: DocIndex, eos: int):
         self.files, self.fs, self.docs = documents.files("documents"), documents.fs, docs
+        self.eos = eos
         self._parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _load(self, part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +337,16 @@ class DocumentTokens:
         return self._parts[part]
 
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-        """Tokens doc[j][start[j]:start[j]+length[j]] for every j, concatenated."""
+        """Tokens doc[j][start[j]:start[j]+length[j]] for every j, concatenated; a run that
+        reaches index n_tokens ends with the EOS."""
+        tail = start + length == self.docs.n_tokens[doc] + 1
+        if not tail.any():
+            return self._gather(doc, start, length)
+        src = length - tail
+        got = self._gather(doc, start, src)
+        return np.insert(got, np.cumsum(src)[tail], np.int32(self.eos))
+
+    def _gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
         out = np.empty(int(length.sum()), dtype=np.int32)
         out_start = np.cumsum(length) - length
         parts = self.docs.part[doc]
@@ -409,8 +444,9 @@ class Stream:
 
 
 def whole_documents(cfg: BuildConfig, docs: DocIndex) -> Stream:
+    """Every document of the split with its EOS (its virtual token n_tokens)."""
     sel = np.flatnonzero(docs.in_split(cfg.split) & (docs.n_tokens > 0))
-    return Stream(sel, np.zeros(len(sel), np.int64), docs.n_tokens[sel])
+    return Stream(sel, np.zeros(len(sel), np.int64), docs.n_tokens[sel] + 1)
 
 
 def select_sentences(cfg: BuildConfig, docs: DocIndex, sents: Sentences) -> Stream:
@@ -425,8 +461,22 @@ def select_sentences(cfg: BuildConfig, docs: DocIndex, sents: Sentences) -> Stre
     analysed = np.zeros(len(in_split), bool)
     analysed[walk.doc] = True
     skipped = int((in_split & ~analysed).sum())
+    doc = walk.doc[idx].astype(np.int64)
+    start, end = walk.start[idx].astype(np.int64), walk.end[idx].astype(np.int64)
+    # Each document's EOS: glued to its last kept piece when that one ends the document,
+    # else a piece of its own (mapped to the document's last walked sentence).
+    last = np.flatnonzero(np.append(doc[1:] != doc[:-1], True)) if len(doc) else doc
+    n = docs.n_tokens[doc[last]]
+    glued = end[last] == n
+    end[last[glued]] += 1
+    alone = last[~glued]
+    at = alone + 1
+    last_walked = np.searchsorted(walk.doc, doc[alone], side="right") - 1
     return Stream(
-        walk.doc[idx], walk.start[idx], walk.end[idx], walk, kept, idx, skipped_docs=skipped
+        np.insert(doc, at, doc[alone]),
+        np.insert(start, at, n[~glued]),
+        np.insert(end, at, n[~glued] + 1),
+        walk, kept, np.insert(idx, at, last_walked), skipped_docs=skipped,
     )
 
 
@@ -741,7 +791,7 @@ def check_samples(ref: ArtifactRef, store: ArtifactStore) -> dict:
     length = target if method == "full" else cfg["train_len"]
     documents = store.find(ref.manifest["inputs"]["documents"])
     docs = read_document_index(documents)
-    tokens = DocumentTokens(documents, docs)
+    tokens = DocumentTokens(documents, docs, document_eos(documents))
     sent_key = None
     if method == "longrecipe":
         analysis = store.find(ref.manifest["inputs"]["analysis"])

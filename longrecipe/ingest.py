@@ -3,6 +3,11 @@
 Table `documents`: doc_id, source, split, text, n_tokens, input_ids (int32
 list), sentence_ends (int32 list: exclusive end index of each sentence in
 input_ids; the last one is always n_tokens).
+
+Texts are encoded by `longrecipe.tokens.encode`, the one BOS policy of the
+pipeline: a leading BOS where the tokenizer adds one by default (Llama-3,
+Mistral, Gemma), none where it does not (Qwen, SmolLM2). The manifest records
+the policy and the EOS id that build puts between documents.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from longrecipe.config import IngestConfig, ModelSpec, RuntimeConfig, SourceSpec
 from longrecipe.errors import InputError
 from longrecipe.models import ModelSource, load_tokenizer, resolve
 from longrecipe.progress import progress_bar
+from longrecipe.tokens import encode, token_policy
 
 STAGE = "ingest"
-STAGE_VERSION = "ingest_v1"
+STAGE_VERSION = "ingest_v2"  # v2: BOS as the tokenizer adds it (longrecipe.tokens)
 
 DOCUMENTS_SCHEMA = pa.schema(
     [
@@ -67,6 +73,7 @@ def run_ingest(
 
     def body(w: StageWriter) -> None:
         tok = load_tokenizer(src)
+        policy = token_policy(tok)
         ends_table = sentence_end_table(tok)
         seen: set[str] = set()
         shard, part, n_docs, n_tokens, dropped = [], 0, 0, 0, {"short": 0, "duplicate": 0}
@@ -77,7 +84,7 @@ def run_ingest(
                     dropped["duplicate"] += 1
                     continue
                 seen.add(digest)
-                ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+                ids = np.asarray(encode(tok, text), dtype=np.int32)
                 ends = sentence_ends(ids, ends_table)
                 if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
                     ids, ends, text = _truncate(tok, ids, ends, cfg.max_tokens)
@@ -101,7 +108,8 @@ def run_ingest(
                 "ingest produced no documents: every text was empty, shorter than "
                 f"min_tokens={cfg.min_tokens} or a duplicate"
             )
-        w.info.update(documents=n_docs, tokens=n_tokens, dropped=dropped)
+        w.info.update(documents=n_docs, tokens=n_tokens, dropped=dropped,
+                      special_tokens=policy.as_info())
 
     return store.produce(ingest_spec(cfg, src), body)
 
@@ -134,7 +142,7 @@ def _truncate(tok, ids: np.ndarray, ends: np.ndarray, limit: int):
     ids = ids[:n]
     ends = ends[ends < n]
     ends = np.append(ends, n).astype(np.int32)
-    return ids, ends, tok.decode(ids.tolist())
+    return ids, ends, tok.decode(ids.tolist(), skip_special_tokens=True)
 
 
 def _unit(digest: str) -> float:
