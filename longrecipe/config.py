@@ -30,9 +30,19 @@ class ConfigError(InputError):
 # --------------------------------------------------------------------------- models
 
 
-class TinyModelConfig(Frozen):
-    """A randomly initialised Llama built in-process (unit tests, seconds)."""
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 
+
+class TinyModelConfig(Frozen):
+    """A randomly initialised model built in-process from a transformers config (unit tests,
+    seconds)."""
+
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] = "llama"
+    """Architecture of the model, built from that family's transformers config with its
+    own traits: llama (tied head), mistral (untied head), qwen2 (q/k/v biases, tied),
+    qwen3 (q/k norms, tied), phi3 (partial rotary: half of each head rotates, fused
+    q/k/v, untied), gemma2 (attention and final-logit soft-capping, eager attention,
+    tied)."""
     hidden_size: int = Field(64, ge=8)
     """Width of the residual stream."""
     intermediate_size: int = Field(128, ge=8)
@@ -49,6 +59,9 @@ class TinyModelConfig(Frozen):
     """RoPE base."""
     seed: int = 0
     """Seed of the random initialisation."""
+    add_bos: bool = False
+    """The byte tokenizer prepends its BOS token (id 256) to every text it encodes, as the
+    Llama, Mistral and Gemma tokenizers do; off, it adds nothing (as Qwen's and SmolLM2's)."""
 
 
 class ModelSpec(Frozen):
@@ -79,10 +92,17 @@ class RopeConfig(Frozen):
     """The window the model was pre-trained at (yarn, llama3, and the derived factor); None
     takes the model's own (its rope_parameters' original window, else its
     max_position_embeddings)."""
-    low_freq_factor: float = Field(1.0, gt=0)
-    """llama3 only: wavelengths above original window / low_freq_factor are divided by factor."""
-    high_freq_factor: float = Field(4.0, gt=0)
-    """llama3 only: wavelengths below original window / high_freq_factor are kept."""
+    low_freq_factor: float | None = Field(None, gt=0)
+    """llama3 only: wavelengths above original window / low_freq_factor are divided by factor.
+    None keeps the model's own (a model already on llama3 RoPE), else 1.0 (Llama 3.1)."""
+    high_freq_factor: float | None = Field(None, gt=0)
+    """llama3 only: wavelengths below original window / high_freq_factor are kept. None keeps
+    the model's own, else 4.0 (Llama 3.1)."""
+    replace_scaling: bool = False
+    """Allow `type` to replace a scaling the model already has (Llama-3.1's llama3, a yarn
+    model, ...). Off: such a change is refused, so a scaled model is never silently turned
+    back into plain RoPE. Every rope_parameters key this config does not set is kept either
+    way (partial_rotary_factor, mrope sections, ...)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RopeConfig:
@@ -91,7 +111,9 @@ class RopeConfig(Frozen):
                 "rope.factor is only used by rope.type linear, yarn, llama3 or dynamic; "
                 "with type 'default' change rope.theta instead"
             )
-        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+        low, high = self.low_freq_factor or 1.0, self.high_freq_factor or 4.0
+        if self.type == "llama3" and None not in (self.low_freq_factor, self.high_freq_factor) \
+                and high <= low:
             raise ValueError("rope.high_freq_factor must be above rope.low_freq_factor")
         return self
 
@@ -131,104 +153,6 @@ class IngestConfig(Frozen):
     """Stop after this many documents (after dedup)."""
     shard_size: int = Field(256, ge=1)
     """Documents per Parquet part."""
-
-
-class AnalyzeConfig(Frozen):
-    """Impactful-token analysis (token-level log-probabilities)."""
-
-    method: Literal["logit_delta", "lsd", "digits"] = "lsd"
-    """`logit_delta` (the paper: reference minus base log-prob), `lsd` (one model, LongPPL:
-    long minus short context), `digits` (the public code's heuristic)."""
-    reference: ModelSpec | None = None
-    """Reference long-context model for `logit_delta` (same tokenizer as the base model).
-    Leave it unset and set `reference_rope` to use the base model with a RoPE change."""
-    reference_rope: RopeConfig | None = None
-    """RoPE change that turns the base model into the reference (logit_delta without a
-    reference model)."""
-    max_context: int = Field(4096, ge=8)
-    """Longest context of one long pass; longer documents are chunked into overlapping
-    windows (the `context` column records the context each token really had)."""
-    min_context: int | None = Field(None, ge=1)
-    """Least context of a token scored by a chunk after the first (None: max_context // 2).
-    Chunks overlap by this much, so the long pass costs max_context / (max_context -
-    min_context) times a single pass."""
-    short_window: int = Field(256, ge=1)
-    """W: the most tokens of context in the short pass (lsd)."""
-    short_stride: int = Field(64, ge=1)
-    """S: targets scored per short window; a target sees W - S + 1 to W tokens. Smaller is
-    closer to exact and slower (the short pass forwards about (W + 1) / S tokens per token)."""
-    selection: Literal["auto", "top_fraction", "threshold"] = "auto"
-    """How impactful tokens are picked from the scores. `auto`: top_fraction for
-    logit_delta (the paper), threshold for lsd (LongPPL); digits ignores it."""
-    top_fraction: float = Field(0.2, gt=0, le=1)
-    """Share of each document's scored tokens flagged impactful, rounded up
-    (selection=top_fraction)."""
-    threshold: float = 2.0
-    """logit_delta threshold: the score (nats) must exceed it (selection=threshold)."""
-    lsd_alpha: float = 2.0
-    """lsd threshold: LSD (nats) must exceed it (selection=threshold)."""
-    lsd_beta: float = -2.0
-    """lsd threshold: the long log-probability must exceed it (selection=threshold)."""
-    batch_tokens: int = Field(8192, ge=8)
-    """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
-    shard_docs: int = Field(16, ge=1)
-    """Documents per resumable part."""
-    max_documents: int | None = Field(None, ge=1)
-    """Analyse only the first N training documents."""
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AnalyzeConfig:
-        if self.method == "logit_delta":
-            if self.reference is None and self.reference_rope is None:
-                raise ValueError(
-                    "analyze.method=logit_delta needs a reference model: set analyze.reference "
-                    "(a local model) or analyze.reference_rope (a RoPE change of the base model)"
-                )
-            if self.reference is not None and self.reference_rope is not None:
-                raise ValueError(
-                    "analyze.reference and analyze.reference_rope are both set: use one"
-                )
-            rope = self.reference_rope
-            if rope is not None and rope.type == "default" and rope.theta is None:
-                raise ValueError(
-                    "analyze.reference_rope changes nothing: set theta, or a type with a factor"
-                )
-            if rope is not None and rope.type != "default" and rope.factor is None:
-                raise ValueError(
-                    f"analyze.reference_rope.factor is needed for rope type {rope.type!r}"
-                )
-        if self.min_context is not None and self.min_context >= self.max_context:
-            raise ValueError(
-                f"analyze.min_context ({self.min_context}) must be below analyze.max_context "
-                f"({self.max_context})"
-            )
-        if self.method == "lsd":
-            if self.short_stride > self.short_window:
-                raise ValueError(
-                    f"analyze.short_stride ({self.short_stride}) must not exceed "
-                    f"analyze.short_window ({self.short_window})"
-                )
-            if self.short_window > self.long_min_context:
-                raise ValueError(
-                    f"analyze.short_window ({self.short_window}) must not exceed the least long "
-                    f"context (analyze.min_context, default max_context // 2 = "
-                    f"{self.long_min_context}): else the long pass can see less than the short"
-                )
-        return self
-
-    @property
-    def long_min_context(self) -> int:
-        """The least context of a token scored after the first chunk of the long pass."""
-        return self.min_context if self.min_context is not None else self.max_context // 2
-
-    @property
-    def effective_selection(self) -> str:
-        """`selection` with `auto` resolved for the method."""
-        if self.method == "digits":
-            return "digits"
-        if self.selection != "auto":
-            return self.selection
-        return "top_fraction" if self.method == "logit_delta" else "threshold"
 
 
 class BuildConfig(Frozen):
@@ -348,6 +272,166 @@ class TrainConfig(Frozen):
     (build.target_len). Must not be below the base model's window."""
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the saved weights (training itself keeps fp32 master weights)."""
+
+
+class ReferenceTrainingConfig(Frozen):
+    """The paper's H': the base model after a short long-context training on the ingested
+    documents, made inside the DAG as its own cached build and train stages, then used as
+    the logit_delta reference."""
+
+    build: BuildConfig = BuildConfig(method="pose")
+    """Its samples: `pose`, `full` or `randomized` at the target window (`longrecipe` would
+    need this very analysis). Keep them few: a few hundred steps' worth, as the paper."""
+    train: TrainConfig = TrainConfig()
+    """Its training: steps, learning rate and the RoPE change (e.g. a larger theta)."""
+
+    @model_validator(mode="after")
+    def _no_cycle(self) -> ReferenceTrainingConfig:
+        if self.build.method == "longrecipe":
+            raise ValueError(
+                "analyze.reference_training.build.method cannot be 'longrecipe': its samples "
+                "need the analysis that this reference is for; use pose, full or randomized"
+            )
+        return self
+
+
+class AnalyzeConfig(Frozen):
+    """Impactful-token analysis (token-level log-probabilities)."""
+
+    method: Literal["logit_delta", "lsd", "digits"] = "lsd"
+    """`logit_delta` (the paper: reference minus base log-prob), `lsd` (one model, LongPPL:
+    long minus short context), `digits` (the public code's heuristic)."""
+    reference: ModelSpec | None = None
+    """Reference long-context model for `logit_delta` (same tokenizer as the base model).
+    Leave it unset and set `reference_rope` to use the base model with a RoPE change."""
+    reference_rope: RopeConfig | None = None
+    """RoPE change that turns the base model into the reference (logit_delta without a
+    reference model)."""
+    reference_training: ReferenceTrainingConfig | None = None
+    """Make the reference as the paper did: the base model trained briefly at long context
+    (its own build and train stages, cached). The pipeline flow runs them before the
+    analysis; from the library, call `run_reference_training` and pass its model."""
+    max_context: int = Field(4096, ge=8)
+    """Longest context of one long pass; longer documents are chunked into overlapping
+    windows (the `context` column records the context each token really had)."""
+    min_context: int | None = Field(None, ge=1)
+    """Least context of a token scored by a chunk after the first (None: max_context // 2).
+    Chunks overlap by this much, so the long pass costs max_context / (max_context -
+    min_context) times a single pass."""
+    short_window: int = Field(256, ge=1)
+    """W: the most tokens of context in the short pass (lsd)."""
+    short_stride: int = Field(64, ge=1)
+    """S: targets scored per short window; a target sees W - S + 1 to W tokens. Smaller is
+    closer to exact and slower (the short pass forwards about (W + 1) / S tokens per token)."""
+    unit: Literal["auto", "type", "occurrence"] = "auto"
+    """What the selection ranks. `type` (the paper): token ids, by their mean score over
+    the whole corpus (types seen fewer than min_type_count times are never impactful);
+    every occurrence of an impactful type is impactful. `occurrence`: single tokens, by
+    their own score, within each document. `auto`: type for logit_delta, occurrence for
+    lsd (LongPPL's key tokens); digits ignores it."""
+    selection: Literal["auto", "top_fraction", "threshold"] = "auto"
+    """How impactful types or tokens are picked from the scores. `auto`: top_fraction for
+    logit_delta (the paper), threshold for lsd (LongPPL); digits ignores it."""
+    top_fraction: float = Field(0.2, gt=0, le=1)
+    """selection=top_fraction: the share flagged, rounded up: of the eligible token types
+    (unit=type; the paper keeps the top 20%), or of each document's scored tokens
+    (unit=occurrence)."""
+    min_type_count: int = Field(5, ge=1)
+    """unit=type: a token type needs this many scored occurrences in the corpus to be
+    ranked (a mean over fewer is noise)."""
+    threshold: float = 2.0
+    """logit_delta threshold: the score (nats; a type's mean score for unit=type) must
+    exceed it (selection=threshold)."""
+    lsd_alpha: float = 2.0
+    """lsd threshold: LSD (nats; a type's mean for unit=type) must exceed it
+    (selection=threshold)."""
+    lsd_beta: float = -2.0
+    """lsd threshold: the long log-probability (a type's mean for unit=type) must exceed it
+    (selection=threshold)."""
+    sentence_fraction: float = Field(0.3, gt=0, le=1)
+    """Share of the analysed sentences flagged impactful (what build always keeps): the
+    ones with the largest share of impactful tokens (ties: more impactful tokens, then
+    corpus order), rounded up; a sentence without any impactful token is never flagged.
+    1.0 flags every sentence that holds one. digits keeps its own rule (a digit in the
+    sentence's text)."""
+    batch_tokens: int = Field(8192, ge=8)
+    """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
+    shard_docs: int = Field(16, ge=1)
+    """Documents per resumable part."""
+    max_documents: int | None = Field(None, ge=1)
+    """Analyse only the first N training documents."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AnalyzeConfig:
+        given = [name for name in ("reference", "reference_rope", "reference_training")
+                 if getattr(self, name) is not None]
+        if self.method == "logit_delta":
+            if not given:
+                raise ValueError(
+                    "analyze.method=logit_delta needs a reference model: set analyze.reference "
+                    "(a local model), analyze.reference_rope (a RoPE change of the base "
+                    "model) or analyze.reference_training (the base after a short "
+                    "long-context training)"
+                )
+            if len(given) > 1:
+                raise ValueError(
+                    f"analyze.{' and analyze.'.join(given)} are both set: use one"
+                )
+            rope = self.reference_rope
+            if rope is not None and rope.type == "default" and rope.theta is None:
+                raise ValueError(
+                    "analyze.reference_rope changes nothing: set theta, or a type with a factor"
+                )
+            if rope is not None and rope.type != "default" and rope.factor is None:
+                raise ValueError(
+                    f"analyze.reference_rope.factor is needed for rope type {rope.type!r}"
+                )
+        elif self.reference_training is not None:
+            raise ValueError(
+                "analyze.reference_training is only used by method logit_delta (it trains the "
+                f"reference model), not by {self.method!r}"
+            )
+        if self.min_context is not None and self.min_context >= self.max_context:
+            raise ValueError(
+                f"analyze.min_context ({self.min_context}) must be below analyze.max_context "
+                f"({self.max_context})"
+            )
+        if self.method == "lsd":
+            if self.short_stride > self.short_window:
+                raise ValueError(
+                    f"analyze.short_stride ({self.short_stride}) must not exceed "
+                    f"analyze.short_window ({self.short_window})"
+                )
+            if self.short_window > self.long_min_context:
+                raise ValueError(
+                    f"analyze.short_window ({self.short_window}) must not exceed the least long "
+                    f"context (analyze.min_context, default max_context // 2 = "
+                    f"{self.long_min_context}): else the long pass can see less than the short"
+                )
+        return self
+
+    @property
+    def effective_unit(self) -> str:
+        """`unit` with `auto` resolved for the method (`digits` for the digits method)."""
+        if self.method == "digits":
+            return "digits"
+        if self.unit != "auto":
+            return self.unit
+        return "type" if self.method == "logit_delta" else "occurrence"
+
+    @property
+    def long_min_context(self) -> int:
+        """The least context of a token scored after the first chunk of the long pass."""
+        return self.min_context if self.min_context is not None else self.max_context // 2
+
+    @property
+    def effective_selection(self) -> str:
+        """`selection` with `auto` resolved for the method."""
+        if self.method == "digits":
+            return "digits"
+        if self.selection != "auto":
+            return self.selection
+        return "top_fraction" if self.method == "logit_delta" else "threshold"
 
 
 class AnnealConfig(Frozen):

@@ -84,9 +84,10 @@ def _content_hash(path: Path) -> str:
 # --------------------------------------------------------------------------- tokenizers
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built in-process (256 bytes + eos/pad/bos): no files, no hub."""
-    from tokenizers import Tokenizer, decoders, models
+def byte_tokenizer(add_bos: bool = False):
+    """A byte-level tokenizer built in-process (256 bytes + eos/pad/bos): no files, no hub.
+    With add_bos it prepends BOS to every encoded text, as Llama-style tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, processors
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -94,14 +95,20 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
+    if add_bos:
+        bos = out.convert_tokens_to_ids(BOS)
+        out.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+        )
+    return out
 
 
 def load_tokenizer(model: ModelSpec | ModelSource | ArtifactRef | str | Path):
     """The tokenizer of a model source. Padding side is left (generation batches)."""
     src = model if isinstance(model, ModelSource) else resolve(model)
     if src.kind == "tiny":
-        tok = byte_tokenizer()
+        tok = byte_tokenizer(src.spec.tiny.add_bos)
     else:
         from transformers import AutoTokenizer
 
@@ -143,9 +150,10 @@ def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
 
 
 def tiny_config(cfg: TinyModelConfig, vocab_size: int):
-    from transformers import LlamaConfig
+    """The transformers config of the tiny preset for its family (same shape for all)."""
+    import transformers
 
-    return LlamaConfig(
+    shape = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -153,12 +161,53 @@ def tiny_config(cfg: TinyModelConfig, vocab_size: int):
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True,
-        bos_token_id=257 if vocab_size > 257 else None,
-        eos_token_id=256,
+        # the byte tokenizer's special ids (bos 256, eos 257, pad 258)
+        bos_token_id=256,
+        eos_token_id=257 if vocab_size > 257 else None,
         pad_token_id=258 if vocab_size > 258 else None,
     )
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # Each family with the traits its released checkpoints have (see TinyModelConfig.family).
+    family = {
+        "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+        "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+        "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+        "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=head_dim,
+                                      use_sliding_window=False)),
+        "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
+        "gemma2": ("Gemma2Config", dict(tie_word_embeddings=True, head_dim=head_dim,
+                                        query_pre_attn_scalar=head_dim,
+                                        final_logit_softcapping=30.0,
+                                        attn_logit_softcapping=50.0,
+                                        sliding_window=cfg.max_position_embeddings // 2)),
+    }
+    name, extra = family[cfg.family]
+    if cfg.family == "phi3":
+        rope["partial_rotary_factor"] = 0.5
+    return getattr(transformers, name)(rope_parameters=rope, **shape, **extra)
+
+
+def supported_attention(model_class, attention: str) -> str:
+    """`attention` if the model class implements it; sdpa falls back to eager for a class
+    without an sdpa path (Gemma-2: its soft-capping is not in sdpa). Any other
+    unsupported choice is an error naming the class."""
+    flags = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    flag = flags.get(attention)
+    if flag is None or getattr(model_class, flag, True):
+        return attention
+    if attention == "sdpa":
+        return "eager"
+    raise ModelError(f"{model_class.__name__} does not support attention {attention!r}")
+
+
+def _model_class(config, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None  # remote code or an unknown config: transformers decides
 
 
 def load_model(
@@ -171,7 +220,7 @@ def load_model(
     """Load a causal LM in eval mode. GGUF weights are dequantised and the quantizer
     detached so the model can be trained and saved like any other."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     src = model if isinstance(model, ModelSource) else resolve(model)
     dtype = dtype or torch.float32
@@ -179,9 +228,9 @@ def load_model(
     if src.kind == "tiny":
         vocab = len(byte_tokenizer())
         config = tiny_config(src.spec.tiny, vocab_size=vocab)
-        config._attn_implementation = attn
+        attn = supported_attention(_model_class(config, False), attn)
         with _seeded(src.spec.tiny.seed):
-            m = LlamaForCausalLM(config)
+            m = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
         m = m.to(dtype)
     elif src.kind == "gguf":
         m = AutoModelForCausalLM.from_pretrained(
@@ -192,6 +241,13 @@ def load_model(
             del m.config.quantization_config
         m.is_quantized = False
     else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(src.path),
+                                            trust_remote_code=src.spec.trust_remote_code)
+        cls = _model_class(config, src.spec.trust_remote_code)
+        if cls is not None:
+            attn = supported_attention(cls, attn)
         m = AutoModelForCausalLM.from_pretrained(
             str(src.path),
             dtype=dtype,
