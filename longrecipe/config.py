@@ -492,9 +492,16 @@ class EvaluateConfig(Frozen):
     """Samples per RULER task and length (RULER uses 500)."""
     seed: int = 42
     """Seed of every generated input (RULER's default: 42)."""
-    stop_at_newline: bool = True
+    prompt_format: Literal["base", "chat"] = "base"
+    """How NIAH and RULER prompts are given to the model: `base` (the task text followed by
+    the answer prefix, RULER's form for base models) or `chat` (the task text as the user
+    turn of the tokenizer's chat template, then the answer prefix, RULER's form for chat
+    models such as the paper's Llama-3-8B-Instruct). chat needs a tokenizer with a chat
+    template."""
+    stop_at_newline: bool = False
     """End an answer at its first line break once it has some text (NIAH and RULER's
-    single-answer tasks); EOS always ends it. Off: generate until EOS or the task's limit."""
+    single-answer tasks); EOS always ends it. Off (RULER: no stop words): generate until
+    EOS or the task's limit."""
     batch_size: int = Field(1, ge=1)
     """Prompts per generation batch, and documents per perplexity forward pass."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

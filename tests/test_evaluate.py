@@ -214,7 +214,7 @@ def test_ruler_suite_with_a_fake_generator(store, tiny_spec, monkeypatch):
 
     seen = []
 
-    def fake(task, length, tokenizer, n, seed, data_dir):
+    def fake(task, length, tokenizer, n, seed, data_dir, prompt_format="base"):
         seen.append((task, length, n, seed))
         return [
             ruler.RulerSample(task=task, index=i, input=f"Say {i}. Answer:", references=["zz", str(i)],

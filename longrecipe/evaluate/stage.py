@@ -6,8 +6,12 @@ part: `eval_summary` (one row per model, suite, task and length) and, for the
 NIAH suite, a heatmap per model in `files/heatmap-<label>.png`.
 
 Suites
-- niah: needle grid (niah.py), greedy answers scored by RULER's `all` rule.
-- ruler: the 13 RULER tasks (ruler.py generates the inputs), RULER's metrics.
+- niah: needle grid (niah.py, on RULER's niah machinery), greedy answers scored by
+  RULER's `all` rule.
+- ruler: the 13 RULER tasks (ruler.py generates the inputs), RULER's metrics with
+  RULER's arithmetic (metrics.py), no stop words unless configured.
+Prompts are `base` or `chat` form (evaluate.prompt_format) and every text is encoded by
+the pipeline's one BOS rule (longrecipe.tokens.encode), as at ingest.
 - perplexity: held-out documents at each length; `value` holds the perplexity.
 - retention: held-out documents at `retention_length` (short-context perplexity).
 """
@@ -32,11 +36,13 @@ from longrecipe.data import RULER_FILES, ruler_dir
 from longrecipe.errors import InputError
 from longrecipe.evaluate import niah as niah_mod
 from longrecipe.evaluate.metrics import score as score_one
+from longrecipe.evaluate.metrics import task_score
 from longrecipe.models import ModelSource, load_model, load_tokenizer, pick_device, resolve
 from longrecipe.progress import progress_bar
+from longrecipe.tokens import encode, token_policy
 
 STAGE = "evaluate"
-STAGE_VERSION = "evaluate_v1"
+STAGE_VERSION = "evaluate_v2"  # v2: RULER's arithmetic, no stop words, qa placement, formats
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -173,7 +179,11 @@ def run_evaluate(
         runner = _Runner(cfg, runtime, data, heldout)
         if "niah" in cfg.suites:  # fail before any model loads, not at the first short length
             for label in sorted({p.label for p in todo}):
-                need = niah_mod.min_length(runner.tokenizer(sources[label]), cfg.niah_max_new_tokens)
+                try:
+                    need = niah_mod.min_length(runner.tokenizer(sources[label]),
+                                               cfg.niah_max_new_tokens, cfg.prompt_format)
+                except niah_mod.HaystackError as e:
+                    raise EvaluateError(f"model {label!r}: {e}") from None
                 if min(cfg.lengths) < need:
                     raise EvaluateError(
                         f"evaluate.lengths: {min(cfg.lengths)} is too short for a NIAH prompt with "
@@ -201,6 +211,10 @@ def run_evaluate(
         heatmaps = _write_heatmaps(w, results, sorted(sources)) if "niah" in cfg.suites else []
         w.info.update(
             models={label: src.key for label, src in sorted(sources.items())},
+            prompt_format=cfg.prompt_format,
+            stop_at_newline=cfg.stop_at_newline,
+            special_tokens={label: token_policy(runner.tokenizer(src)).as_info()
+                            for label, src in sorted(sources.items())},
             parts=len(parts),
             rows=results.num_rows,
             heatmaps=heatmaps,
@@ -285,6 +299,7 @@ class _Runner:
             samples = niah_mod.niah_samples(
                 p.length, niah_mod.depth_grid(c.depths), self.tok, self.haystack(),
                 samples=c.niah_samples, seed=c.seed, max_new_tokens=c.niah_max_new_tokens,
+                prompt_format=c.prompt_format,
             )
         except niah_mod.HaystackError as e:
             raise EvaluateError(f"evaluate.lengths: {e}") from None
@@ -303,7 +318,7 @@ class _Runner:
 
         c = self.cfg
         samples = generate_samples(p.task, p.length, self.tok, n=c.samples, seed=c.seed,
-                                   data_dir=self.data_dir)
+                                   data_dir=self.data_dir, prompt_format=c.prompt_format)
         stop_nl = c.stop_at_newline and p.task in SINGLE_LINE_TASKS
         by_budget: dict[int, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
@@ -360,7 +375,7 @@ class _Runner:
 
     def _ids(self, i: int) -> list[int]:
         if i not in self._doc_ids:
-            self._doc_ids[i] = self.tok(self.heldout[i][1])["input_ids"]
+            self._doc_ids[i] = encode(self.tok, self.heldout[i][1])
         return self._doc_ids[i]
 
     def _documents(self, length: int) -> list[int]:
@@ -392,19 +407,24 @@ class _Runner:
 
 
 def summarize(results: pa.Table) -> pa.Table:
-    """One row per (model, suite, task, length): mean score, or perplexity (the exp of the
-    mean log perplexity, i.e. of the mean token NLL over equal-length windows); RULER
-    also gets a `mean` task per length, the mean of its task scores."""
+    """One row per (model, suite, task, length): the score as RULER's metric_fn computes it
+    from the predictions (metrics.task_score: rounded to 2 decimals), or perplexity (the
+    exp of the mean log perplexity, i.e. of the mean token NLL over equal-length windows);
+    RULER also gets a `mean` task per length, the mean of its task scores."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results.to_pylist():
         groups[(r["model"], r["model_key"], r["suite"], r["task"], r["length"])].append(r)
     rows = []
     for (model, key, suite, task, length), rs in groups.items():
-        scores = [r["score"] for r in rs if r["score"] is not None]
+        scored = [r for r in rs if r["score"] is not None]
         values = [r["value"] for r in rs if r["value"] is not None]
+        metrics = {r["metric"] for r in scored}
+        if len(metrics) > 1:
+            raise EvaluateError(f"{model}/{suite}/{task}/{length}: rows mix metrics {metrics}")
         rows.append(dict(
             model=model, model_key=key, suite=suite, task=task, length=length, n=len(rs),
-            score=sum(scores) / len(scores) if scores else None,
+            score=task_score(metrics.pop(), [r["prediction"] for r in scored],
+                             [r["references"] for r in scored]) if scored else None,
             perplexity=math.exp(sum(math.log(v) for v in values) / len(values)) if values else None,
             seconds_per_sample=sum(r["seconds"] for r in rs) / len(rs),
         ))
@@ -537,7 +557,7 @@ def _check_ruler_lengths(cfg: EvaluateConfig, tasks: list[str], sources: list[Mo
         for task in tasks:
             try:
                 generate_samples(task, length, runner.tokenizer(src), n=1, seed=cfg.seed,
-                                 data_dir=data_dir)
+                                 data_dir=data_dir, prompt_format=cfg.prompt_format)
             except RulerLengthError as e:
                 short.append(str(e))
         if short:
