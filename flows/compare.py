@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.pipeline import analysis_tasks
 from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
@@ -40,7 +41,7 @@ def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> 
     common = dict(store=store, runtime=runtime)
     out: dict[str, dict] = {"ingest": t["ingest"](cfg.ingest, cfg.model, **common)}
     if "longrecipe" in cfg.compare.methods:
-        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common)
+        out.update(analysis_tasks(t, cfg, out["ingest"], common))
     evaluations = [t["evaluate"].with_options(task_run_name="evaluate-base")(
         cfg.evaluate, {"base": cfg.model}, out["ingest"], **common)]
     trainings = {}

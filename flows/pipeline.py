@@ -52,7 +52,7 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
 
     out["ingest"] = t["ingest"](cfg.ingest, cfg.model, **common)
     if last >= 1:
-        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common)
+        out.update(analysis_tasks(t, cfg, out["ingest"], common))
     if last >= 2:
         analysis = out["analyze"] if cfg.build.method == "longrecipe" else None
         out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common)
@@ -76,6 +76,21 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
     if last >= 7:
         trainings = {"train": out["train"], "anneal": out["anneal"]}
         out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store, title=f"{cfg.name} report")
+    return out
+
+
+def analysis_tasks(t: dict, cfg: PipelineConfig, documents: dict, common: dict) -> dict[str, dict]:
+    """The analyze task, after H' is made (build and train tasks, cached like any stage)
+    when analyze.reference_training is set."""
+    out: dict[str, dict] = {}
+    rt = cfg.analyze.reference_training
+    if cfg.analyze.method == "logit_delta" and rt is not None:
+        out["reference_build"] = t["build"].with_options(task_run_name="build-reference")(
+            rt.build, documents, None, **common)
+        out["reference"] = t["train"].with_options(task_run_name="train-reference")(
+            rt.train, out["reference_build"], cfg.model, **common)
+    out["analyze"] = t["analyze"](cfg.analyze, documents, cfg.model, reference=out.get("reference"),
+                                  **common)
     return out
 
 
