@@ -233,3 +233,26 @@ def test_report_command_over_the_store(reference, tmp_path):
     text = out.read_text()
     assert "| base | niah |" in text and "| merged | perplexity |" in text
     assert "## Training cost" in text and (tmp_path / "scores.png").stat().st_size > 1000
+
+
+def test_reference_training_runs_as_its_own_cached_stages(tmp_path):
+    """H' as the paper made it: the base model after a short long-context training, built
+    and trained by the flow as ordinary cached stages, then the analysis's reference."""
+    store = tmp_path / "store"
+    rt = ("analyze.reference_training={build: {method: pose, train_len: 128, target_len: 1024, "
+          "num_samples: 2}, train: {optim: {max_steps: 1, precision: fp32}, "
+          "rope: {theta: 160000}}}")
+    args = ("--until", "analyze", "--set", "analyze.method=logit_delta", "--set", rt)
+    r = run_cli(tmp_path, store, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = dict(task_states(tmp_path))
+    assert states["build-reference"] == states["train-reference"] == states["analyze"] == "Completed"
+    s = ArtifactStore(store)
+    (analysis,), (trained,), (samples,) = (list(s.iter_refs(x)) for x in ("analyze", "train", "build"))
+    assert analysis.manifest["inputs"]["reference"] == trained.key
+    assert trained.manifest["inputs"]["samples"] == samples.key
+    assert samples.manifest["config"]["method"] == "pose"
+    assert analysis.info["sentences_flagged_fraction"] < 0.9
+    r = run_cli(tmp_path, store, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(state == "Cached" for _, state in task_states(tmp_path))
