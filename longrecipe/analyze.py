@@ -165,6 +165,7 @@ def run_analyze(
             # sentences is this step's done-marker, so it is written last.
             w.write_part("sentences", i, sentences_table(docs, part, flags, flagged[i], tok))
         w.write_table("token_stats", token_stats_table(stats, n_imp_type, type_flags, tok))
+        n_imp_tokens = int(n_imp_type.sum())
         n_sent = sum(len(f) for f in flagged)
         n_flagged = int(sum(int(f.sum()) for f in flagged))
         share = round(n_flagged / n_sent, 6) if n_sent else None
@@ -181,6 +182,9 @@ def run_analyze(
             selection=cfg.effective_selection,
             thresholds=_thresholds(cfg),
             types=type_facts,
+            impactful_tokens=n_imp_tokens,
+            impactful_fraction=(round(n_imp_tokens / facts["tokens"], 6)
+                                if facts["tokens"] else None),
             sentence_fraction=cfg.sentence_fraction if unit != "digits" else None,
             sentences=n_sent,
             sentences_flagged=n_flagged,
