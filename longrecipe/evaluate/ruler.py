@@ -24,8 +24,6 @@ RULER; the essays and the SQuAD / HotpotQA paragraphs from `data_dir`
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import random
 import string
@@ -33,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from longrecipe.errors import InputError
+from longrecipe.evaluate import ruler_data
 from longrecipe.evaluate.haystack import (
     DEPTHS,
     DRAW,
@@ -42,12 +40,12 @@ from longrecipe.evaluate.haystack import (
     HaystackError,
     PromptFormat,
     TooShort,
-    WordHaystack,
     distinct,
     fit,
     lines_with_needles,
     wordlist,
 )
+from longrecipe.evaluate.ruler_data import RulerError
 
 __all__ = [
     "DEPTHS", "NEEDLE", "NOISE", "RULER_TASKS", "RulerError", "RulerLengthError", "RulerSample",
@@ -86,10 +84,6 @@ class RulerSample:
     """`all` (share of references found) or `part` (any reference found)."""
     n_input_tokens: int
     """Tokens of `input` as the model is fed it (longrecipe.tokens.encode)."""
-
-
-class RulerError(InputError):
-    """A RULER task that cannot be generated: unknown task, missing or malformed data."""
 
 
 class RulerLengthError(RulerError):
@@ -196,7 +190,7 @@ class _Niah:
 
 def _niah(args: _Niah):
     def make(task: str, length: int, fmt: PromptFormat, seed: int, data_dir: Path):
-        essay = _essay(data_dir) if args.haystack == "essay" else None
+        essay = ruler_data.essay(data_dir) if args.haystack == "essay" else None
 
         def sample(index: int, rng: random.Random):
             n_keys = max(args.n_keys, args.n_queries)
@@ -273,19 +267,6 @@ class _Stream:
         while len(self.items) < n:
             self.items.append(self.draw(self.rng))
         return self.items[:n]
-
-
-@functools.cache
-def _essay_cached(path: Path, mtime: float) -> WordHaystack:
-    data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("text"), str):
-        raise RulerError(f"{path}: expected a JSON object with a string field 'text'")
-    return WordHaystack(data["text"])
-
-
-def _essay(data_dir: Path) -> WordHaystack:
-    path = _data_file(data_dir, "PaulGrahamEssays.json")
-    return _essay_cached(path, path.stat().st_mtime)
 
 
 # --------------------------------------------------------------------------- variable tracking
@@ -428,17 +409,9 @@ def _fwe(task: str, length: int, fmt: PromptFormat, seed: int, data_dir: Path):
 # --------------------------------------------------------------------------- qa
 
 
-@dataclass(frozen=True)
-class _Question:
-    query: str
-    answers: list[str]
-    gold: list[int]  # paragraphs that must be in the prompt
-    related: list[int]  # other paragraphs of the same article (SQuAD), preferred as filler
-
-
 def _qa(dataset: str):
     def make(task: str, length: int, fmt: PromptFormat, seed: int, data_dir: Path):
-        questions, docs = _qa_data(data_dir, dataset)
+        questions, docs = ruler_data.qa_data(data_dir, dataset)
 
         def sample(index: int, rng: random.Random):
             if index >= len(questions):
@@ -474,74 +447,6 @@ def _qa(dataset: str):
         return sample
 
     return make
-
-
-def _qa_data(data_dir: Path, dataset: str) -> tuple[list[_Question], list[str]]:
-    path = _data_file(data_dir, f"{dataset}.json")
-    return _qa_cached(path, path.stat().st_mtime, dataset)
-
-
-@functools.cache
-def _qa_cached(path: Path, mtime: float, dataset: str) -> tuple[list[_Question], list[str]]:
-    data = _load_json(path)
-    try:
-        return _read_squad(data) if dataset == "squad" else _read_hotpotqa(data)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise RulerError(
-            f"{path}: not in the {dataset} format RULER uses ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _read_squad(data) -> tuple[list[_Question], list[str]]:
-    articles = data["data"]
-    docs = sorted({p["context"] for a in articles for p in a["paragraphs"]})
-    idx = {d: i for i, d in enumerate(docs)}
-    questions = []
-    for a in articles:
-        in_article = [idx[p["context"]] for p in a["paragraphs"]]
-        for p in a["paragraphs"]:
-            gold = idx[p["context"]]
-            for qa in p["qas"]:
-                if qa["is_impossible"]:
-                    continue
-                answers = list(dict.fromkeys(x["text"] for x in qa["answers"]))
-                related = [i for i in in_article if i != gold]
-                questions.append(_Question(qa["question"], answers, [gold], related))
-    return questions, docs
-
-
-def _read_hotpotqa(data) -> tuple[list[_Question], list[str]]:
-    def doc(title, sentences) -> str:
-        return f"{title}\n{''.join(sentences)}"
-
-    docs = sorted({doc(t, s) for item in data for t, s in item["context"]})
-    idx = {d: i for i, d in enumerate(docs)}
-    # Every paragraph of a HotpotQA item (2 supporting, the rest distractors) is gold, as in RULER.
-    questions = [
-        _Question(
-            item["question"], [item["answer"]], [idx[doc(t, s)] for t, s in item["context"]], []
-        )
-        for item in data
-    ]
-    return questions, docs
-
-
-# --------------------------------------------------------------------------- data files
-
-
-def _data_file(data_dir: Path, name: str) -> Path:
-    path = Path(data_dir) / name
-    if not path.is_file():
-        raise RulerError(f"RULER data file {path} is missing: run `longrecipe data fetch ruler`")
-    return path.resolve()
-
-
-def _load_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RulerError(f"{path}: cannot read it as JSON ({e})") from None
 
 
 # --------------------------------------------------------------------------- the task table
