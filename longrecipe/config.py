@@ -30,9 +30,6 @@ class ConfigError(InputError):
 # --------------------------------------------------------------------------- models
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
-
-
 class TinyModelConfig(Frozen):
     """A randomly initialised model built in-process from a transformers config (unit tests,
     seconds)."""
@@ -111,9 +108,8 @@ class RopeConfig(Frozen):
                 "rope.factor is only used by rope.type linear, yarn, llama3 or dynamic; "
                 "with type 'default' change rope.theta instead"
             )
-        low, high = self.low_freq_factor or 1.0, self.high_freq_factor or 4.0
-        if self.type == "llama3" and None not in (self.low_freq_factor, self.high_freq_factor) \
-                and high <= low:
+        low, high = self.low_freq_factor, self.high_freq_factor
+        if self.type == "llama3" and low is not None and high is not None and high <= low:
             raise ValueError("rope.high_freq_factor must be above rope.low_freq_factor")
         return self
 
@@ -155,134 +151,15 @@ class IngestConfig(Frozen):
     """Documents per Parquet part."""
 
 
-class BuildConfig(Frozen):
-    """Position-index sample building (docs/build.md)."""
-
-    method: Literal["full", "randomized", "pose", "longrecipe"] = "longrecipe"
-    """Sampling scheme: `full` (FLT: target_len contiguous tokens at positions
-    0..target_len-1), `randomized` (RPES: train_len tokens at sorted random distinct
-    positions), `pose` (train_len tokens in two chunks, the second shifted by a random
-    skip), `longrecipe` (kept sentences, head of rt tokens, gaps between sentences)."""
-    train_len: int = Field(300, ge=2)
-    """Tokens per training sample; must be below target_len. Ignored by `full`."""
-    target_len: int = Field(1024, ge=2)
-    """The context window to extend to; every position id is below it. `full` samples
-    are this long."""
-    seed: int = 2027
-    """Seed of every random choice of the stage (keep decisions, heads, gaps, skips)."""
-    keep_ratio: float = Field(0.5, ge=0, le=1)
-    """longrecipe: probability of keeping a sentence with no impactful token (the public
-    code drops half); sentences with an impactful token are always kept."""
-    head_rule: Literal["random", "fixed", "none"] = "random"
-    """longrecipe: the first rt tokens keep positions 0..rt-1; `random` draws rt uniform in
-    [1, (train_len+1)//2] (the public code), `fixed` uses head_len, `none` means rt = 1."""
-    head_len: int = Field(1, ge=1)
-    """rt for head_rule=fixed; at most train_len."""
-    gap_rule: Literal["random", "source"] = "random"
-    """longrecipe: `random` spreads all target_len - train_len spare positions as random
-    gaps between kept sentences (the last position is target_len - 1); `source` makes each
-    gap the number of tokens really skipped in the document, scaled down when they add up
-    to more than target_len - train_len (0 where a sample crosses into the next document)."""
-    num_samples: int | None = Field(None, ge=1)
-    """Stop after this many samples (None: as many whole samples as the documents hold)."""
-    num_tokens: int | None = Field(None, ge=1)
-    """Stop once this many tokens are built, rounded up to whole samples (whichever of
-    num_samples/num_tokens comes first)."""
-    split: Literal["train", "heldout", "all"] = "train"
-    """Which documents to draw from (documents.split)."""
-    shard_samples: int = Field(256, ge=1)
-    """Samples per resumable Parquet part."""
-
-    @model_validator(mode="after")
-    def _lengths(self) -> BuildConfig:
-        if self.method != "full" and self.train_len >= self.target_len:
-            raise ValueError(
-                f"build.train_len ({self.train_len}) must be below build.target_len "
-                f"({self.target_len}) for method {self.method!r}"
-            )
-        if self.method == "longrecipe" and self.head_rule == "fixed" and self.head_len > self.train_len:
-            raise ValueError(
-                f"build.head_len ({self.head_len}) must not exceed build.train_len ({self.train_len})"
-            )
-        return self
-
-
-class OptimConfig(Frozen):
-    """The training loop's optimisation settings (train and anneal)."""
-
-    lr: float = Field(5e-5, gt=0)
-    """Peak learning rate (AdamW)."""
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """After warmup: constant, cosine to zero, or linear to zero (transformers' schedules:
-    step k runs at the schedule's value after k - 1 steps, so it is exactly zero after the
-    last step)."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from zero, in optimizer steps."""
-    max_steps: int = Field(10, ge=1)
-    """Optimizer steps. The samples are cycled (reshuffled each epoch) when they run out."""
-    batch_size: int = Field(1, ge=1)
-    """Samples per micro-batch and process (shorter samples are right-padded)."""
-    grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step. The loss is the mean over every label token of
-    the step, so accumulation equals one big batch."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    """Gradient clipping (None: off; the norm is still recorded)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    seed: int = 2027
-    """Seed of the data order (and of dropout, where a model has any)."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU); fp32: no autocast."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    checkpoint_every: int = Field(0, ge=0)
-    """Save a resumable checkpoint every N optimizer steps (0: never). A rerun after a
-    kill resumes from the last one."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """auto: flash_attention_2 with CUDA and flash-attn, else sdpa."""
-    num_processes: int = Field(1, ge=1)
-    """Processes (GPUs) to train on. Above 1 the stage runs itself under `accelerate
-    launch` in a subprocess; the global batch is batch_size x grad_accum x num_processes."""
-    accelerate_config: str | None = None
-    """An accelerate config file (e.g. configs/accelerate/deepspeed-zero3-offload.yaml);
-    when set, the stage runs under `accelerate launch --config_file` even on one process."""
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> OptimConfig:
-        if self.schedule != "constant" and self.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
-                f"({self.max_steps}) for a schedule that decays"
-            )
-        return self
-
-
-class TrainConfig(Frozen):
-    """Context-extension training (the paper's stage 0)."""
-
-    optim: OptimConfig = OptimConfig()
-    """Optimisation settings."""
-    rope: RopeConfig | None = None
-    """RoPE change applied before training and saved with the model (None: keep the
-    model's RoPE; the window still becomes max_position_embeddings)."""
-    max_position_embeddings: int | None = Field(None, ge=1)
-    """The trained model's window, saved in its config; None takes the samples' target
-    (build.target_len). Must not be below the base model's window."""
-    save_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the saved weights (training itself keeps fp32 master weights)."""
-
-
 class ReferenceTrainingConfig(Frozen):
     """The paper's H': the base model after a short long-context training on the ingested
     documents, made inside the DAG as its own cached build and train stages, then used as
     the logit_delta reference."""
 
-    build: BuildConfig = BuildConfig(method="pose")
+    build: BuildConfig = Field(default_factory=lambda: BuildConfig(method="pose"))
     """Its samples: `pose`, `full` or `randomized` at the target window (`longrecipe` would
     need this very analysis). Keep them few: a few hundred steps' worth, as the paper."""
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     """Its training: steps, learning rate and the RoPE change (e.g. a larger theta)."""
 
     @model_validator(mode="after")
@@ -432,6 +309,125 @@ class AnalyzeConfig(Frozen):
         if self.selection != "auto":
             return self.selection
         return "top_fraction" if self.method == "logit_delta" else "threshold"
+
+
+class BuildConfig(Frozen):
+    """Position-index sample building (docs/build.md)."""
+
+    method: Literal["full", "randomized", "pose", "longrecipe"] = "longrecipe"
+    """Sampling scheme: `full` (FLT: target_len contiguous tokens at positions
+    0..target_len-1), `randomized` (RPES: train_len tokens at sorted random distinct
+    positions), `pose` (train_len tokens in two chunks, the second shifted by a random
+    skip), `longrecipe` (kept sentences, head of rt tokens, gaps between sentences)."""
+    train_len: int = Field(300, ge=2)
+    """Tokens per training sample; must be below target_len. Ignored by `full`."""
+    target_len: int = Field(1024, ge=2)
+    """The context window to extend to; every position id is below it. `full` samples
+    are this long."""
+    seed: int = 2027
+    """Seed of every random choice of the stage (keep decisions, heads, gaps, skips)."""
+    keep_ratio: float = Field(0.5, ge=0, le=1)
+    """longrecipe: probability of keeping a sentence with no impactful token (the public
+    code drops half); sentences with an impactful token are always kept."""
+    head_rule: Literal["random", "fixed", "none"] = "random"
+    """longrecipe: the first rt tokens keep positions 0..rt-1; `random` draws rt uniform in
+    [1, (train_len+1)//2] (the public code), `fixed` uses head_len, `none` means rt = 1."""
+    head_len: int = Field(1, ge=1)
+    """rt for head_rule=fixed; at most train_len."""
+    gap_rule: Literal["random", "source"] = "random"
+    """longrecipe: `random` spreads all target_len - train_len spare positions as random
+    gaps between kept sentences (the last position is target_len - 1); `source` makes each
+    gap the number of tokens really skipped in the document, scaled down when they add up
+    to more than target_len - train_len (0 where a sample crosses into the next document)."""
+    num_samples: int | None = Field(None, ge=1)
+    """Stop after this many samples (None: as many whole samples as the documents hold)."""
+    num_tokens: int | None = Field(None, ge=1)
+    """Stop once this many tokens are built, rounded up to whole samples (whichever of
+    num_samples/num_tokens comes first)."""
+    split: Literal["train", "heldout", "all"] = "train"
+    """Which documents to draw from (documents.split)."""
+    shard_samples: int = Field(256, ge=1)
+    """Samples per resumable Parquet part."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> BuildConfig:
+        if self.method != "full" and self.train_len >= self.target_len:
+            raise ValueError(
+                f"build.train_len ({self.train_len}) must be below build.target_len "
+                f"({self.target_len}) for method {self.method!r}"
+            )
+        if self.method == "longrecipe" and self.head_rule == "fixed" and self.head_len > self.train_len:
+            raise ValueError(
+                f"build.head_len ({self.head_len}) must not exceed build.train_len ({self.train_len})"
+            )
+        return self
+
+
+class OptimConfig(Frozen):
+    """The training loop's optimisation settings (train and anneal)."""
+
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warmup: constant, cosine to zero, or linear to zero (transformers' schedules:
+    step k runs at the schedule's value after k - 1 steps, so it is exactly zero after the
+    last step)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from zero, in optimizer steps."""
+    max_steps: int = Field(10, ge=1)
+    """Optimizer steps. The samples are cycled (reshuffled each epoch) when they run out."""
+    batch_size: int = Field(1, ge=1)
+    """Samples per micro-batch and process (shorter samples are right-padded)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step. The loss is the mean over every label token of
+    the step, so accumulation equals one big batch."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping (None: off; the norm is still recorded)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    seed: int = 2027
+    """Seed of the data order (and of dropout, where a model has any)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU); fp32: no autocast."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a resumable checkpoint every N optimizer steps (0: never). A rerun after a
+    kill resumes from the last one."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """auto: flash_attention_2 with CUDA and flash-attn, else sdpa."""
+    num_processes: int = Field(1, ge=1)
+    """Processes (GPUs) to train on. Above 1 the stage runs itself under `accelerate
+    launch` in a subprocess; the global batch is batch_size x grad_accum x num_processes."""
+    accelerate_config: str | None = None
+    """An accelerate config file (e.g. configs/accelerate/deepspeed-zero3-offload.yaml);
+    when set, the stage runs under `accelerate launch --config_file` even on one process."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimConfig:
+        if self.schedule != "constant" and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
+                f"({self.max_steps}) for a schedule that decays"
+            )
+        return self
+
+
+class TrainConfig(Frozen):
+    """Context-extension training (the paper's stage 0)."""
+
+    optim: OptimConfig = OptimConfig()
+    """Optimisation settings."""
+    rope: RopeConfig | None = None
+    """RoPE change applied before training and saved with the model (None: keep the
+    model's RoPE; the window still becomes max_position_embeddings)."""
+    max_position_embeddings: int | None = Field(None, ge=1)
+    """The trained model's window, saved in its config; None takes the samples' target
+    (build.target_len). Must not be below the base model's window."""
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the saved weights (training itself keeps fp32 master weights)."""
 
 
 class AnnealConfig(Frozen):
@@ -584,6 +580,13 @@ class RuntimeConfig(Frozen):
     fail_once_at: str | None = None
     """Testing aid: make this stage's task raise once (a marker in the store remembers), to
     exercise resume. Never set it in a recipe you mean to run."""
+
+
+# ReferenceTrainingConfig (under AnalyzeConfig) names BuildConfig and TrainConfig, which
+# come later in this file.
+ReferenceTrainingConfig.model_rebuild()
+AnalyzeConfig.model_rebuild()
+PipelineConfig.model_rebuild()
 
 
 # --------------------------------------------------------------------------- loading
