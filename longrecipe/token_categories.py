@@ -15,9 +15,11 @@ fetched here. The rule looks at the decoded token alone, in this order:
    `adposition`, `auxiliary` (a word in two lists takes the first of these).
    Only a token that starts a word counts (a leading space or word-start mark,
    a capital letter, or an apostrophe: "'s"); "in" inside "in|side" does not.
-6. `word`: letters that begin a word (the token starts with a space, or the
-   tokenizer marks a word start) and are in none of the lists.
-7. `subword`: letters that continue a word (no leading space: "ing", "ed").
+6. `word`: letters (apostrophes allowed) that begin a word (the token starts
+   with a space or a word-start mark, or is title-case: "Enter" after "[")
+   and are in none of the lists.
+7. `subword`: letters that continue a word (no word start: "ing", "ed", the
+   "EL" of "HELENA").
 8. `other`: anything else (mixed letters and symbols, bytes of a multi-byte
    character).
 
@@ -95,8 +97,10 @@ def token_category(text: str, special: bool = False) -> str:
     for name, words in _CLOSED.items():
         if whole and word in words:
             return name
-    if core.isalpha():
-        return "word" if starts_word else "subword"
+    letters = word.replace("'", "")
+    if letters.isalpha():
+        title = core[:1].isupper() and core[1:].islower()  # "Enter" after "[", "The"
+        return "word" if starts_word or title else "subword"
     return "other"
 
 

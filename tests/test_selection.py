@@ -161,6 +161,7 @@ def test_sentence_flags_by_share():
     (" she", False, "pronoun"), ("The", False, "determiner"), (" and", False, "conjunction"),
     ("\u2581of", False, "adposition"), (" was", False, "auxiliary"), ("'s", False, "auxiliary"),
     (" river", False, "word"), ("ing", False, "subword"), ("in", False, "subword"),
+    ("Enter", False, "word"), ("EL", False, "subword"), ("'t", False, "subword"),
     ("<|eos|>", True, "special"), ("\u00e9\u00b7", False, "other"),
 ])
 def test_token_categories(text, special, category):
