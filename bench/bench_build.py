@@ -30,7 +30,6 @@ from longrecipe.build import (
     take_runs,
 )
 
-
 EOS = 50_000  # above every synthetic token id
 
 
