@@ -139,7 +139,7 @@ def _kill_when(tmp: Path, store: Path, pattern: str, timeout: float = 300) -> No
 
 @pytest.mark.parametrize("stage,pattern", [
     ("analyze", "analyze/*.partial/token_scores/part-00000.parquet"),
-    ("train", "train/*.partial/_scratch/ckpt-*/state.json"),
+    ("train", "train/*.scratch/ckpt-*/state.json"),
 ])
 def test_sigkill_resumes_from_last_part(tmp_path, reference, stage, pattern):
     _, ref_keys, ref_content = reference
