@@ -16,6 +16,7 @@ once, at import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -37,35 +38,42 @@ class RunSession:
         self.log_path = self.home / "logs" / f"run-{stamp}-{os.getpid()}.log"
         self.server: TemporaryServer | None = None
         self._undo: list = []
-
-    def __enter__(self) -> RunSession:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        _prune(self.log_path.parent)
-        self._file = open(self.log_path, "a", buffering=1, encoding="utf-8")
-        self._handler = logging.StreamHandler(self._file)
+        self._file = None
+        self._handler = _QuietHandler()
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._details = logging.getLogger("longrecipe.run")
         self._details.propagate = False
         self._details.setLevel(logging.INFO)
+
+    def __enter__(self) -> RunSession:
         self._details.addHandler(self._handler)
         try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            _prune(self.log_path.parent)
+            self._file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+            self._handler.setStream(self._file)
             if not os.environ.get("PREFECT_API_URL"):
                 self.server = TemporaryServer(self.home, self._server_line, self._server_disk_full)
                 self.server.start()
                 os.environ["PREFECT_API_URL"] = self.server.api_url
                 self._undo.append(lambda: os.environ.pop("PREFECT_API_URL", None))
-            import prefect  # noqa: F401  (reads the settings above, sets up its logging)
+            import prefect.main  # noqa: F401  (reads the settings above, sets up its logging)
+            from prefect.logging.configuration import ensure_logging_setup
+
+            ensure_logging_setup()
 
             self._route_logs()
             if self.server is not None:
                 timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
                 self.server.wait_ready(timeout)
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not isinstance(exc, SystemExit):
+            self.record(exc)
         if self.server is not None:
             t0 = time.monotonic()
             _drain_prefect(timeout=5)
@@ -77,12 +85,13 @@ class RunSession:
             undo()
         self._undo.clear()
         self._details.removeHandler(self._handler)
-        self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # a log on a full disk must not hide the error
+                self._file.close()
 
     def record(self, exc: BaseException) -> None:
         """The full traceback of what ended the run, into the log file."""
         self._details.error("the run ended with %s", type(exc).__name__, exc_info=exc)
-        self._handler.flush()
 
     # -- logging
     def _route_logs(self) -> None:
@@ -111,7 +120,8 @@ class RunSession:
                     self._undo.append(lambda h=h: h.removeFilter(console))
 
     def _server_line(self, line: str) -> None:
-        self._file.write(f"server | {line}\n")
+        with contextlib.suppress(OSError, ValueError):
+            self._file.write(f"server | {line}\n")
 
     def _server_disk_full(self, line: str) -> None:
         """Called from the server's output thread: report in one line and end the run now.
@@ -123,7 +133,8 @@ class RunSession:
                          f"finished stages are kept [log: {self.log_path}]\n")
         sys.stderr.flush()
         self._details.error("server reported: %s", line)
-        self._file.flush()
+        with contextlib.suppress(OSError, ValueError):
+            self._file.flush()
         if self.server is not None and self.server.proc is not None:
             self.server.proc.kill()
         os._exit(1)
@@ -142,6 +153,22 @@ def _drain_prefect(timeout: float) -> None:
             worker.drain_all(timeout=timeout)
         except Exception as e:  # draining is a courtesy to the UI, never a failure
             logging.getLogger("longrecipe.run").warning("could not drain %s: %s", worker.__name__, e)
+
+
+class _QuietHandler(logging.StreamHandler):
+    """The log file's handler: a write that fails (a full disk) is dropped, not reported
+    with a traceback on the console; before the file is open, nothing is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.stream = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class _Console(logging.Filter):

@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from longrecipe.errors import DiskFullError, is_disk_full
+
 APP = "prefect.server.api.server:create_app"
 PR_SET_PDEATHSIG = 1
 
@@ -70,10 +72,16 @@ class TemporaryServer:
             preexec_fn=_die_with_parent(os.getpid()),
         )
         self.record = self.home / "servers" / f"{self.proc.pid}.json"
-        self.record.parent.mkdir(parents=True, exist_ok=True)
-        self.record.write_text(json.dumps({"pid": self.proc.pid, "parent": os.getpid(),
-                                           "parent_started": _started(os.getpid()),
-                                           "port": self.port}))
+        try:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps({"pid": self.proc.pid, "parent": os.getpid(),
+                                               "parent_started": _started(os.getpid()),
+                                               "port": self.port}))
+        except OSError as e:
+            self.stop()
+            if is_disk_full(e):
+                raise DiskFullError(str(self.record)) from e
+            raise
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True,
                          name="prefect-server-output").start()
 

@@ -130,15 +130,15 @@ def _run_flow(config: Path, overrides: list[str], store, start, verbose: bool) -
         _fail(str(e), 2)
     from flows.runner import RunSession
 
-    with RunSession(os.environ["PREFECT_HOME"], verbose) as session:
-        try:
+    session = RunSession(os.environ["PREFECT_HOME"], verbose)
+    try:
+        with session:  # its log file gets the traceback of whatever ends the run
             return start(store.root)
-        except BaseException as e:  # noqa: BLE001  (every way out gets its exit code and line)
-            if isinstance(e, typer.Exit | SystemExit):
-                raise
-            session.record(e)
-            code, msg = _classify(e, store.root)
-            _fail(f"{msg} [log: {session.log_path}]", code)
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as e:  # every way out gets its exit code and one line
+        code, msg = _classify(e, store.root)
+        _fail(f"{msg} [log: {session.log_path}]", code)
 
 
 def _preflight(cfg) -> None:
@@ -165,7 +165,8 @@ def _classify(e: BaseException, store_root: str) -> tuple[int, str]:
     if is_disk_full(e):
         path = next((x.path for x in _chain(e) if isinstance(x, DiskFullError)), None)
         path = path or next((x.filename for x in _chain(e) if getattr(x, "filename", None)), None)
-        return 1, f"disk full: no space left writing {path or 'under ' + store_root}; "                   "free space and run again (finished stages and parts are kept)"
+        return 1, (f"disk full: no space left writing {path or 'under ' + store_root}; "
+                   "free space and run again (finished stages and parts are kept)")
     if isinstance(e, InputError):
         return 2, str(e)
     if not isinstance(e, Exception):

@@ -16,10 +16,11 @@ it should not:
   way out), extensions neither installed nor loaded, spills in a private temp
   folder, and the configuration locked so no statement can undo it.
 
-Before a query runs, the files behind every table view it names are checked
-like a cache hit (manifest, sizes, mtimes; a file whose mtime differs is
-hashed): a mismatched artifact is refused by name. `artifacts verify` is the
-deep check.
+When the views are made, the table files of every artifact are checked like
+a cache hit (manifest, sizes, mtimes; a file whose mtime differs is hashed):
+an artifact that does not match is left out of the views, and a query that
+names one of its tables is refused with the artifact's name. `artifacts
+verify` is the deep check (it rereads every byte).
 """
 
 from __future__ import annotations

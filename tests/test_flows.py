@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -233,3 +234,18 @@ def test_report_command_over_the_store(reference, tmp_path):
     text = out.read_text()
     assert "| base | niah |" in text and "| merged | perplexity |" in text
     assert "## Training cost" in text and (tmp_path / "scores.png").stat().st_size > 1000
+
+
+def test_finding_7_a_copied_store_prints_its_own_paths(tmp_path, reference):
+    """Issue 14, finding 7: a store copied elsewhere (like `cp -r`: new mtimes) reuses every
+    stage and prints the copy's folders, not those its cached results were made at."""
+    ref_tmp, ref_keys, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(ref_tmp / "store", copy, copy_function=shutil.copy)
+    r = run_cli(tmp_path, copy)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = [line.split() for line in r.stdout.splitlines() if line.strip()]
+    assert {key for _, key, _ in printed} == set(ref_keys.values())
+    for _, key, folder in printed:
+        assert folder.startswith(f"{copy}/") and folder.endswith(key) and Path(folder).is_dir(), folder
+    assert {s for _, s in task_states(tmp_path)} == {"Cached"}
