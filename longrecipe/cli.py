@@ -195,7 +195,7 @@ def prefect_env(store_root: str) -> None:
         "PREFECT_LOGGING_LEVEL": "INFO",
         "LONGRECIPE_STORE": store_root,
     }
-    if os.path.isdir(store_root):  # file digests persist: a no-op rerun stats its inputs
+    if os.path.isabs(store_root):  # a local store (remote roots have no leading /): digests persist
         defaults["LONGRECIPE_DIGEST_CACHE"] = str(Path(store_root) / "_cache" / "digests.sqlite")
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
