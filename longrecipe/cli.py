@@ -32,12 +32,19 @@ StoreOpt = Annotated[
     str | None,
     typer.Option("--store", help="Artifact store root (default: $LONGRECIPE_STORE or data/artifacts)."),
 ]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show every log record and traceback on the console.")
+]
 
 
-def _store(path: str | None):
+def _store(path: str | None, *, create: bool = False):
+    """The store at `path`; a command that only reads it refuses one that does not exist."""
     from longrecipe.artifacts import ArtifactStore
 
-    return ArtifactStore(path)
+    try:
+        return ArtifactStore(path, create=create)
+    except InputError as e:
+        _fail(str(e), 2)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -60,12 +67,14 @@ def run(
     ] = None,
     store: StoreOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    verbose: VerboseOpt = False,
     fail_once_at: Annotated[str | None, typer.Option(hidden=True, help="Testing: make STAGE fail once.")] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow on a temporary local API (no server needed).
 
-    Finished stages are reused from the store (and show as Cached); a failed run
-    resumes from its last finished part or checkpoint when run again.
+    Finished stages are reused from the store (and show as Cached); a failed or
+    interrupted run (Ctrl-C: exit 130) resumes from its last finished part or
+    checkpoint when run again. Errors are one line; the full log is named in it.
     """
     if until is not None and until not in STAGES:
         _fail(f"--until {until!r}: choose one of {', '.join(STAGES)}", 2)
@@ -78,8 +87,10 @@ def run(
         return run_pipeline(config, set_ or [], store=root, until=until, device=device,
                             fail_once_at=fail_once_at)
 
-    for stage, ref in _run_flow(config, set_ or [], store, start).items():
-        typer.echo(f"{stage:9s} {ref['key']}  {ref['uri']}")
+    s = _store(store, create=True)
+    for stage, ref in _run_flow(config, set_ or [], s, start, verbose).items():
+        # The folder in the store used now: a cached result holds the path it was made at.
+        typer.echo(f"{stage:9s} {ref['key']}  {s.dir(ref['stage'], ref['key'])}")
 
 
 @app.command()
@@ -91,6 +102,7 @@ def compare(
     ] = None,
     store: StoreOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare methods (full, randomized, pose, longrecipe) on one recipe: shared ingest and
     analysis, then each method's samples, training and evaluation, and one report."""
@@ -100,27 +112,74 @@ def compare(
 
         return compare_flow(config=str(config), overrides=set_ or [], store=root, device=device)
 
-    report = _run_flow(config, set_ or [], store, start)["report"]
-    typer.echo(f"report    {report['key']}  {report['uri']}/files/report.md")
+    s = _store(store, create=True)
+    report = _run_flow(config, set_ or [], s, start, verbose)["report"]
+    typer.echo(f"report    {report['key']}  {s.dir(report['stage'], report['key'])}/files/report.md")
 
 
-def _run_flow(config: Path, overrides: list[str], store: str | None, start) -> dict:
-    """Validate the recipe before Prefect starts, set Prefect's environment, run the flow;
-    bad input exits 2, a failed stage 1."""
+def _run_flow(config: Path, overrides: list[str], store, start, verbose: bool) -> dict:
+    """Validate the recipe and its inputs before Prefect starts, set Prefect's environment,
+    run the flow on a temporary API this process owns. Exit codes: 2 bad input, 1 a stage
+    failed (or the disk is full), 130 Ctrl-C, 143 SIGTERM; each with one line on stderr."""
     from longrecipe.config import load_config
 
+    prefect_env(store.root)
     try:
-        load_config(config, overrides)
+        _preflight(load_config(config, overrides))
     except InputError as e:
         _fail(str(e), 2)
-    root = _store(store).root
-    prefect_env(root)
+    from flows.runner import RunSession
+
+    session = RunSession(os.environ["PREFECT_HOME"], verbose)
     try:
-        return start(root)
-    except InputError as e:
-        _fail(str(e), 2)
-    except Exception as e:  # a stage failed: Prefect has logged the traceback
-        _fail(f"{type(e).__name__}: {e}", 1)
+        with session:  # its log file gets the traceback of whatever ends the run
+            return start(store.root)
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as e:  # every way out gets its exit code and one line
+        code, msg = _classify(e, store.root)
+        _fail(f"{msg} [log: {session.log_path}]", code)
+
+
+def _preflight(cfg) -> None:
+    """Bad input that can be found without running anything: missing sources, a model
+    folder or file that cannot be a model. Fails before a server starts."""
+    from longrecipe.ingest import source_files
+    from longrecipe.models import resolve
+
+    for s in [*cfg.ingest.sources, *cfg.anneal.replay.sources]:
+        source_files(s)
+    resolve(cfg.model)
+    if cfg.analyze.method == "logit_delta" and cfg.analyze.reference is not None:
+        resolve(cfg.analyze.reference)
+
+
+def _classify(e: BaseException, store_root: str) -> tuple[int, str]:
+    from longrecipe.errors import DiskFullError, is_disk_full
+
+    if isinstance(e, KeyboardInterrupt):
+        return 130, ("interrupted: the unfinished stage keeps its finished parts and checkpoints; "
+                     "run the same command again to resume")
+    if type(e).__name__ == "TerminationSignal":
+        return 143, "terminated (SIGTERM): run the same command again to resume"
+    if is_disk_full(e):
+        path = next((x.path for x in _chain(e) if isinstance(x, DiskFullError)), None)
+        path = path or next((x.filename for x in _chain(e) if getattr(x, "filename", None)), None)
+        return 1, (f"disk full: no space left writing {path or 'under ' + store_root}; "
+                   "free space and run again (finished stages and parts are kept)")
+    if isinstance(e, InputError):
+        return 2, str(e)
+    if not isinstance(e, Exception):
+        raise e
+    return 1, f"{type(e).__name__}: {e}"
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def prefect_env(store_root: str) -> None:
@@ -132,9 +191,12 @@ def prefect_env(store_root: str) -> None:
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # INFO reaches the run's log file; the console shows warnings (flows.runner)
+        "PREFECT_LOGGING_LEVEL": "INFO",
         "LONGRECIPE_STORE": store_root,
     }
+    if os.path.isabs(store_root):  # a local store (remote roots have no leading /): digests persist
+        defaults["LONGRECIPE_DIGEST_CACHE"] = str(Path(store_root) / "_cache" / "digests.sqlite")
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
 
@@ -152,8 +214,12 @@ def query(
     """Query every table of every artifact with DuckDB (read-only).
 
     Each table is a view over all its versions, with `stage` and `key` columns;
-    `artifacts` has one row per manifest (config, inputs, info as JSON).
+    `artifacts` has one row per manifest (config, inputs, info as JSON). Only reads
+    run (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of those); DuckDB may read files
+    under the store only. An artifact whose files no longer match its manifest is
+    refused (exit 1).
     """
+    from longrecipe.artifacts import ArtifactError
     from longrecipe.query import run_query, write_result
 
     s = _store(store)
@@ -161,6 +227,8 @@ def query(
         text = write_result(run_query(s, sql), format, out, s)
     except InputError as e:
         _fail(str(e), 2)
+    except ArtifactError as e:
+        _fail(str(e), 1)
     if text is not None:
         typer.echo(text.rstrip("\n"))
 
@@ -199,36 +267,59 @@ def artifacts_show(key: Annotated[str, typer.Argument(help="Key or unique key pr
 
 @artifacts_app.command("verify")
 def artifacts_verify(
-    key: Annotated[str | None, typer.Argument(help="Key or prefix; all artifacts when omitted.")] = None,
+    key: Annotated[str | None, typer.Argument(help="Key or prefix; the whole store when omitted.")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Recheck every file's size and sha256 against the manifest. Exit 1 when any differs."""
+    """Recheck every file's size and sha256 against its manifest, and report every folder
+    or file under the store that is not a valid artifact (broken or missing manifest,
+    stray files, quarantined folders). Exit 1 when anything is wrong."""
     from longrecipe.artifacts import ArtifactError
+    from longrecipe.housekeeping import Finding, audit
 
     s = _store(store)
-    try:
-        refs = [s.find(key)] if key else list(s.iter_refs())
-    except ArtifactError as e:
-        _fail(str(e), 2)
-    bad = 0
-    for ref in refs:
+    if key:
+        try:
+            ref = s.find(key)
+        except ArtifactError as e:
+            _fail(str(e), 2)
         problems = s.verify(ref)
-        status = "ok" if not problems else "CORRUPT: " + "; ".join(problems)
-        bad += bool(problems)
-        typer.echo(f"{ref.stage:9s} {ref.key}  {status}")
-    if bad:
+        findings = [Finding(f"{ref.stage}/{ref.key}", "corrupt", "; ".join(problems)) if problems
+                    else Finding(f"{ref.stage}/{ref.key}", "ok")]
+    else:
+        findings = audit(s, deep=True)
+    for f in findings:
+        stage, _, entry = f.path.partition("/")
+        status = "ok" if f.kind == "ok" else f"{f.kind.upper() if not f.healthy else f.kind}: {f.detail}"
+        typer.echo(f"{stage:9s} {entry}  {status}")
+    if not findings:
+        typer.echo(f"(no artifacts under {s.root})")
+    if any(not f.healthy for f in findings):
         raise typer.Exit(1)
 
 
 @artifacts_app.command("gc")
 def artifacts_gc(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="Remove exactly these entries (`<stage>/<entry>`, e.g. a quarantined folder).")] = None,
     store: StoreOpt = None,
     partial: Annotated[bool, typer.Option(help="Also drop resume state of unfinished keys.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Only list what would be removed.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only list what would be done.")] = False,
 ) -> None:
-    """Remove leftovers: temp folders, finished keys' partial folders, corrupt folders."""
-    for p in _store(store).gc(partial=partial, dry_run=dry_run):
-        typer.echo(("would remove " if dry_run else "removed ") + p)
+    """Clean leftovers: fragments of killed writes, copies of finished keys, stale locks.
+    Broken and corrupt folders are quarantined, never deleted; a folder that holds
+    weights or finished parts is only removed when named."""
+    from longrecipe.artifacts import ArtifactError
+
+    try:
+        actions = _store(store).gc(partial=partial, dry_run=dry_run, names=names or None)
+    except InputError as e:
+        _fail(str(e), 2)
+    except ArtifactError as e:
+        _fail(str(e), 1)
+    verbs = {"remove": ("would remove", "removed"), "quarantine": ("would quarantine", "quarantined"),
+             "keep": ("keeping", "kept")}
+    for a in actions:
+        typer.echo(f"{verbs[a.action][0 if dry_run else 1]} {a.path}" + (f"  ({a.detail})" if a.detail else ""))
 
 
 # --------------------------------------------------------------------------- data, report
@@ -273,7 +364,17 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:
+        if e.code not in (130, 143):
+            raise
+        code = e.code
+    # Interrupted: the run's server is stopped and the store is safe at any moment (every
+    # file is renamed into place), so skip the seconds interpreter teardown takes after
+    # torch, transformers and Prefect were loaded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 Nothing here touches a hub: sources are local paths, and HF_HUB_OFFLINE is set
 before transformers is imported. A model's identity (for keys) is a hash of
-its files' content, or of the tiny preset's config.
+its files' content (longrecipe.digest: each file is read once per path, size and
+mtime), or of the tiny preset's config. A broken config.json or a .gguf file that
+is not GGUF fails in `resolve`, naming the file.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from longrecipe.artifacts import ArtifactRef, canonical_json
 from longrecipe.config import ModelSpec, TinyModelConfig
+from longrecipe.digest import folder_files, tree_digest
 from longrecipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -63,22 +66,34 @@ def resolve(model: ModelSpec | ArtifactRef | str | Path) -> ModelSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"model source {spec.source!r}: a file must be a .gguf")
-        return ModelSource("gguf", path.resolve(), _content_hash(path.resolve()), spec)
+        _check_gguf(path)
+        return ModelSource("gguf", path.resolve(), tree_digest([(path.name, path)]), spec)
     if not (path / "config.json").exists():
         raise ModelError(f"model source {spec.source!r}: folder has no config.json")
-    return ModelSource("folder", path.resolve(), _content_hash(path.resolve()), spec)
+    _check_config(path / "config.json")
+    return ModelSource("folder", path.resolve(), tree_digest(folder_files(path.resolve())), spec)
 
 
-@functools.lru_cache(maxsize=32)
-def _content_hash(path: Path) -> str:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+def _check_gguf(path: Path) -> None:
+    """A .gguf file starts with the magic bytes `GGUF`; anything else fails here, by name."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object naming a model type (transformers needs it)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: must hold a JSON object, not {type(cfg).__name__}")
+    if "model_type" not in cfg:
+        raise ModelError(f"{path}: no field 'model_type' (transformers needs it to pick the model)")
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -139,7 +140,7 @@ def _kill_when(tmp: Path, store: Path, pattern: str, timeout: float = 300) -> No
 
 @pytest.mark.parametrize("stage,pattern", [
     ("analyze", "analyze/*.partial/token_scores/part-00000.parquet"),
-    ("train", "train/*.partial/_scratch/ckpt-*/state.json"),
+    ("train", "train/*.scratch/ckpt-*/state.json"),
 ])
 def test_sigkill_resumes_from_last_part(tmp_path, reference, stage, pattern):
     _, ref_keys, ref_content = reference
@@ -256,3 +257,18 @@ def test_reference_training_runs_as_its_own_cached_stages(tmp_path):
     r = run_cli(tmp_path, store, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(state == "Cached" for _, state in task_states(tmp_path))
+
+
+def test_finding_7_a_copied_store_prints_its_own_paths(tmp_path, reference):
+    """Issue 14, finding 7: a store copied elsewhere (like `cp -r`: new mtimes) reuses every
+    stage and prints the copy's folders, not those its cached results were made at."""
+    ref_tmp, ref_keys, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(ref_tmp / "store", copy, copy_function=shutil.copy)
+    r = run_cli(tmp_path, copy)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = [line.split() for line in r.stdout.splitlines() if line.strip()]
+    assert {key for _, key, _ in printed} == set(ref_keys.values())
+    for _, key, folder in printed:
+        assert folder.startswith(f"{copy}/") and folder.endswith(key) and Path(folder).is_dir(), folder
+    assert {s for _, s in task_states(tmp_path)} == {"Cached"}

@@ -19,7 +19,6 @@ the pipeline's one BOS rule (longrecipe.tokens.encode), as at ingest.
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 import re
 from collections import defaultdict
@@ -33,6 +32,7 @@ import pyarrow.compute as pc
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
 from longrecipe.config import EvaluateConfig, ModelSpec, RuntimeConfig
 from longrecipe.data import RULER_FILES, ruler_dir
+from longrecipe.digest import file_digest
 from longrecipe.errors import InputError
 from longrecipe.evaluate import niah as niah_mod
 from longrecipe.evaluate.metrics import score as score_one
@@ -510,23 +510,8 @@ def _data_digests(cfg: EvaluateConfig, data_dir: Path) -> dict[str, str]:
                 f"{path} is missing: RULER's data is fetched at run time, "
                 "run `longrecipe data fetch ruler` first"
             )
-        st = path.stat()
-        out[name] = _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+        out[name] = file_digest(path)[:16]
     return out
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    key = (path, size, mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()[:16]
-    return _DIGESTS[key]
 
 
 def _heldout(documents: ArtifactRef) -> list[tuple[str, str]]:
