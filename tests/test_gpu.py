@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from longrecipe import ModelSpec, OptimConfig, RuntimeConfig, TrainConfig, run_train
+from longrecipe.loop import causal_lm_forward
 from longrecipe.models import load_model, load_tokenizer
-from longrecipe.train import causal_lm_forward
 from tests.test_train import make_samples, metrics, positions
 
 pytestmark = pytest.mark.gpu
