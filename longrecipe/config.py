@@ -339,7 +339,7 @@ class OptimConfig(Frozen):
     """auto: flash_attention_2 on CUDA with flash-attn installed, else sdpa. Resolved once
     for the device the model trains on. flex_attention trains on CUDA only (torch has no
     flex_attention backward on CPU)."""
-    loss_chunk_tokens: int = unkeyed(4096, ge=1)
+    loss_chunk_tokens: int = unkeyed(1024, ge=1)
     """Tokens per chunk of the output head and cross-entropy: logits exist for one chunk
     at a time and are recomputed in backward. Changes memory, not the loss (not in the key)."""
     num_processes: int | None = unkeyed(None, ge=1)
@@ -496,6 +496,25 @@ class CompareConfig(Frozen):
     merging (stages 1 and 2)."""
 
 
+class PlanConfig(Frozen):
+    """What `longrecipe plan` assumes about the machine; no stage reads it, so it is part
+    of no key."""
+
+    model_shape: str | None = None
+    """A config.json with the base model's shape (hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size), used while
+    model.source is not here (configs/models/ holds some); the model's own config.json
+    or GGUF header wins once it is."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory of one GPU in GB (1e9 bytes)."""
+    gpus: int | None = Field(None, ge=1)
+    """GPUs per stage; None: each stage's number of processes."""
+    peak_tflops: float = Field(989.0, gt=0)
+    """Dense bf16 peak of one GPU in TFLOP/s (H100/H200 SXM: 989)."""
+    mfu: float = Field(0.4, gt=0, le=1)
+    """Model FLOPs utilisation assumed for the hours."""
+
+
 class PipelineConfig(Frozen):
     """A whole recipe: the base model and one section per stage."""
 
@@ -521,6 +540,8 @@ class PipelineConfig(Frozen):
     """Report."""
     compare: CompareConfig = CompareConfig()
     """The method comparison (flows/compare.py)."""
+    plan: PlanConfig = PlanConfig()
+    """Assumptions of `longrecipe plan` (GPU memory, MFU, the model's shape)."""
 
 
 class RuntimeConfig(Frozen):
