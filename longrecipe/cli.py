@@ -167,7 +167,7 @@ def plan(
     fits and what to change if not. Reads the config and the model's shape only."""
     from longrecipe.config import load_config
     from longrecipe.plan import format_plan
-    from longrecipe.plan import plan as make_plan
+    from longrecipe.plan import plan_recipe as make_plan
 
     try:
         cfg = load_config(config, set_ or [])

@@ -229,7 +229,7 @@ def advice(stage: str, shape: ModelShape, setup: Setup, tokens: int, gpu_memory:
             "or add GPUs (--gpus) with a sharded accelerate config"]
 
 
-def plan(cfg: PipelineConfig, *, gpu_memory: float | None = None, gpus: int | None = None,
+def plan_recipe(cfg: PipelineConfig, *, gpu_memory: float | None = None, gpus: int | None = None,
          mfu: float | None = None, peak_tflops: float | None = None,
          model_config: str | None = None, device: str = "cuda") -> list[StagePlan]:
     """One StagePlan per training stage (train, anneal), config only."""
@@ -255,7 +255,7 @@ def format_plan(plans: list[StagePlan], mfu: float, peak_tflops: float) -> str:
             f"  tokens: {p.sample_tokens:,} per sample x {p.global_batch} per step = "
             f"{p.tokens_per_step:,} per step, {p.steps} steps ({p.tokens_per_step * p.steps / 1e6:,.1f}M)",
             f"  FLOPs: {p.flops_per_step:.3g} per step, {p.flops_per_step * p.steps:.3g} for the stage;"
-            f" {p.hours:.1f} h on {p.setup.processes} GPU(s) at {mfu:.0%} MFU of {peak_tflops:.0f} TFLOP/s",
+            f" {_duration(p.hours)} on {p.setup.processes} GPU(s) at {mfu:.0%} MFU of {peak_tflops:.0f} TFLOP/s",
             f"  memory per GPU (GB): {mem}",
             f"  instead: {alt}",
             f"  peak {p.peak / GB:.1f} GB of {p.gpu_memory / GB:.0f} GB: "
@@ -264,3 +264,9 @@ def format_plan(plans: list[StagePlan], mfu: float, peak_tflops: float) -> str:
         ]
         lines += [f"  to fit: {a}" for a in p.advice]
     return "\n".join(lines)
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.2g} s"

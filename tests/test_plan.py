@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from longrecipe import load_config
 from longrecipe.cli import app
 from longrecipe.model_shape import ShapeError, read_shape
-from longrecipe.plan import GB, plan
+from longrecipe.plan import GB, plan_recipe
 from tests.conftest import DEMO_GGUF, ROOT
 
 PAPER = ROOT / "configs/llama3-8b-80k.yaml"
@@ -24,7 +24,7 @@ def test_paper_recipe_every_8b_stage_fits_one_80gb_gpu():
     (plain one-GPU training: 16 bytes a parameter, 128 GB). Every stage that trains the
     8B model now has a sharding/offload setting that fits one 80 GB GPU."""
     cfg = load_config(PAPER)
-    plans = plan(cfg, gpus=1)
+    plans = plan_recipe(cfg, gpus=1)
     assert [p.stage for p in plans] == ["train", "anneal"]
     for p in plans:
         assert p.shape.params == 8_030_261_248  # Llama-3-8B, from configs/models/
@@ -34,7 +34,7 @@ def test_paper_recipe_every_8b_stage_fits_one_80gb_gpu():
     assert train.sample_tokens == 24_000 and train.tokens_per_step == 96 * 24_000
     # FLOPs: 6N + 6 L n_layers d per token (REFERENCE.md "Cost")
     assert train.flops_per_step == pytest.approx(96 * 24_000 * (6 * 8.03e9 + 6 * 24_000 * 32 * 4096), rel=1e-3)
-    without = plan(load_config(PAPER, ["anneal.optim.accelerate_config=null"]), gpus=1)[1]
+    without = plan_recipe(load_config(PAPER, ["anneal.optim.accelerate_config=null"]), gpus=1)[1]
     assert not without.fits and without.advice and "deepspeed-zero3-offload" in without.advice[0]
 
 
