@@ -86,8 +86,10 @@ def test_plan_matches_the_measured_peak_of_a_training_step_tiny():
 
 @pytest.mark.slow
 def test_plan_matches_the_measured_peak_of_a_training_step_demo():
-    """SmolLM2-135M's shape, bf16 autocast with checkpointing at 2,048 tokens: the plan is
-    within 30% of the tensor high-water mark and of the process's RSS growth."""
+    """SmolLM2-135M's shape, bf16 autocast with checkpointing at 2,048 tokens, in a fresh
+    process: the plan is within 30% of the tensor high-water mark. (The process's RSS
+    growth is printed by bench/bench_plan.py but not asserted: it moved from 1.9 to 3.1 GB
+    between runs of the same case on this shared machine.)"""
     if not DEMO_GGUF.exists():
         pytest.skip("demo model not fetched (longrecipe data fetch demo)")
     sys.path.insert(0, str(ROOT / "bench"))
@@ -95,4 +97,4 @@ def test_plan_matches_the_measured_peak_of_a_training_step_demo():
 
     r = _measure("demo-2k-bf16-ckpt")
     p = planned("demo-2k-bf16-ckpt")
-    assert p == pytest.approx(r["tensors"], rel=0.3) and p == pytest.approx(r["rss"], rel=0.3)
+    assert p == pytest.approx(r["tensors"], rel=0.3)
