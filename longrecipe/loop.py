@@ -125,7 +125,9 @@ def load_for_training(src: ModelSource, requested: str, device: str):
     import torch
 
     attention = pick_attention(requested, device)
-    return load_model(src, dtype=torch.float32, device="cpu", attention=attention), attention
+    model = load_model(src, dtype=torch.float32, device="cpu", attention=attention)
+    # what the model really runs: a class without an sdpa path falls back to eager
+    return model, getattr(model.config, "_attn_implementation", None) or attention
 
 
 def check_target(target: int, base: int | None) -> None:

@@ -1,9 +1,9 @@
 """`longrecipe plan`: what each training stage of a recipe will cost, before it runs.
 
 From the config and the model's shape only (longrecipe.model_shape: no weights are
-read), for train and anneal: parameters, tokens per step, FLOPs per step and per stage
-(6N + 6 L n_layers d per token, shared/REFERENCE.md "Cost"), hours at a stated MFU, and
-the memory of one device split into weights, gradients, optimizer states, activations
+read), for every stage that trains the base model (the analysis's H', train, anneal):
+parameters, tokens per step, FLOPs per step and per stage (6N + 6 L n_layers d per
+token, shared/REFERENCE.md "Cost"), hours at a stated MFU, and the memory of one device split into weights, gradients, optimizer states, activations
 and logits under the stage's precision, sharding (one process or DDP, FSDP, DeepSpeed
 ZeRO-3) and CPU offload; whether it fits, and which setting to change if not.
 
@@ -225,21 +225,31 @@ def advice(stage: str, shape: ModelShape, setup: Setup, tokens: int, gpu_memory:
         t = tokens // setup.micro_batch * alt.micro_batch
         if device_memory(shape, alt, t)[1] <= gpu_memory:
             return [text]
-    return ["no single setting fits: shorten the samples (build.train_len / anneal.train_len) "
+    return ["no single setting fits: shorten the samples (the stage's build.train_len or anneal.train_len) "
             "or add GPUs (--gpus) with a sharded accelerate config"]
 
 
 def plan_recipe(cfg: PipelineConfig, *, gpu_memory: float | None = None, gpus: int | None = None,
          mfu: float | None = None, peak_tflops: float | None = None,
          model_config: str | None = None, device: str = "cuda") -> list[StagePlan]:
-    """One StagePlan per training stage (train, anneal), config only."""
+    """One StagePlan per stage that trains the base model: the analysis's H' (when
+    analyze.reference_training makes it), train and anneal; config only."""
     p = cfg.plan
     shape = read_shape(cfg.model, model_config, fallback=p.model_shape)
     kw = dict(gpu_memory=(gpu_memory or p.gpu_memory_gb * GB), gpus=gpus or p.gpus,
               mfu=mfu or p.mfu, peak_tflops=peak_tflops or p.peak_tflops, device=device)
-    train_len = cfg.build.target_len if cfg.build.method == "full" else cfg.build.train_len
-    return [plan_stage("train", shape, cfg.train.optim, train_len, **kw),
-            plan_stage("anneal", shape, cfg.anneal.optim, cfg.anneal.train_len, **kw)]
+    plans = []
+    ref = cfg.analyze.reference_training if cfg.analyze.method == "logit_delta" else None
+    if ref is not None:
+        plans.append(plan_stage("analyze.reference_training.train", shape, ref.train.optim,
+                                _sample_len(ref.build), **kw))
+    plans += [plan_stage("train", shape, cfg.train.optim, _sample_len(cfg.build), **kw),
+              plan_stage("anneal", shape, cfg.anneal.optim, cfg.anneal.train_len, **kw)]
+    return plans
+
+
+def _sample_len(build) -> int:
+    return build.target_len if build.method == "full" else build.train_len
 
 
 def format_plan(plans: list[StagePlan], mfu: float, peak_tflops: float) -> str:
