@@ -161,7 +161,7 @@ def test_resumed_sharded_run_keeps_the_learning_rate_schedule(tmp_path, monkeypa
     monkeypatch.setattr(loop_mod, "save_checkpoint", die_at_4)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, samples, ModelSpec(), broken, QUIET)
-    ckpt = next((tmp_path / "broken").glob("train/*.partial/_scratch/ckpt-*"))
+    ckpt = next((tmp_path / "broken").glob("train/*.scratch/ckpt-*"))
     assert (ckpt / "accelerate").is_dir() and (ckpt / "scheduler.json").exists()
     monkeypatch.setattr(loop_mod, "save_checkpoint", real)
     got = run_train(cfg, samples, ModelSpec(), broken, QUIET)
@@ -241,7 +241,7 @@ def test_deepspeed_zero3_two_processes_equal_one_and_resume_after_kill_9(tmp_pat
     killer = RuntimeConfig(progress=False, device="cpu", kill_at_step=3)
     with pytest.raises(LaunchError):
         run_train(cfg, samples, ModelSpec(), broken, killer)
-    ckpt = next((tmp_path / "broken").glob("train/*.partial/_scratch/ckpt-*"))
+    ckpt = next((tmp_path / "broken").glob("train/*.scratch/ckpt-*"))
     assert (ckpt / "accelerate").is_dir()  # the sharded format
     got = run_train(cfg, samples, ModelSpec(), broken, QUIET)
     assert got.info["distributed"] == "DEEPSPEED" and got.info["num_processes"] == 2

@@ -245,7 +245,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     a = (ref.path / "files/model/model.safetensors").read_bytes()
     b = (ref_whole.path / "files/model/model.safetensors").read_bytes()
     assert a == b
-    assert not any(p.name == "_scratch" for p in ref.path.iterdir())  # dropped at commit
+    # the checkpoints (beside the partial folder) are dropped once the artifact is in place
+    assert not Path(broken.scratch_dir("train", ref.key)).exists()
+    assert not any(p.name == "_scratch" for p in ref.path.iterdir())
 
 
 def test_sample_stream_visits_every_sample_once_per_epoch(store):
