@@ -28,6 +28,7 @@ from longrecipe.config import (  # noqa: E402
     ModelSpec,
     OptimConfig,
     PipelineConfig,
+    PlanConfig,
     ReportConfig,
     RopeConfig,
     RuntimeConfig,
@@ -38,8 +39,10 @@ from longrecipe.config import (  # noqa: E402
 )
 from longrecipe.evaluate import EvaluateError, run_evaluate  # noqa: E402
 from longrecipe.ingest import IngestError, run_ingest  # noqa: E402
+from longrecipe.launch import LaunchConfigError, LaunchError  # noqa: E402
 from longrecipe.merge import MergeError, run_merge  # noqa: E402
 from longrecipe.models import ModelError, load_model, load_tokenizer, resolve  # noqa: E402
+from longrecipe.plan import plan_recipe  # noqa: E402
 from longrecipe.positions import InvariantError  # noqa: E402
 from longrecipe.rope import RopeError, apply_rope  # noqa: E402
 from longrecipe.train import TrainError, run_train  # noqa: E402
@@ -59,12 +62,15 @@ __all__ = [
     "IngestConfig",
     "IngestError",
     "InvariantError",
+    "LaunchConfigError",
+    "LaunchError",
     "MergeConfig",
     "MergeError",
     "ModelError",
     "ModelSpec",
     "OptimConfig",
     "PipelineConfig",
+    "PlanConfig",
     "ReportConfig",
     "RopeConfig",
     "RopeError",
@@ -81,6 +87,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "plan_recipe",
     "resolve",
     "run_analyze",
     "replay_build_config",

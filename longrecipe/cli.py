@@ -139,6 +139,62 @@ def prefect_env(store_root: str) -> None:
         os.environ.setdefault(k, v)
 
 
+# --------------------------------------------------------------------------- plan
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Pipeline recipe (YAML), e.g. configs/llama3-8b-80k.yaml.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set train.optim.batch_size=2 (repeatable)."),
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option("--gpu-memory", help="Memory of one GPU, e.g. 80GB or 141GB (default: plan.gpu_memory_gb).")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per stage (default: each stage's processes).")] = None,
+    mfu: Annotated[float | None, typer.Option(help="Model FLOPs utilisation for the hours (default: plan.mfu).")] = None,
+    peak_tflops: Annotated[
+        float | None, typer.Option("--peak-tflops", help="Dense bf16 peak of one GPU (default: plan.peak_tflops).")
+    ] = None,
+    model_config: Annotated[
+        Path | None, typer.Option("--model-config", help="A config.json giving the model's shape (no weights needed).")
+    ] = None,
+) -> None:
+    """What each training stage will cost before it runs: parameters, tokens and FLOPs per
+    step, hours at a stated MFU, and memory per GPU (weights, gradients, optimizer,
+    activations, logits) under the stage's precision, sharding and offload; whether it
+    fits and what to change if not. Reads the config and the model's shape only."""
+    from longrecipe.config import load_config
+    from longrecipe.plan import format_plan
+    from longrecipe.plan import plan_recipe as make_plan
+
+    try:
+        cfg = load_config(config, set_ or [])
+        memory = _parse_bytes(gpu_memory) if gpu_memory else None
+        if gpus is not None and gpus < 1:
+            raise InputError(f"--gpus {gpus}: need at least 1")
+        if mfu is not None and not 0 < mfu <= 1:
+            raise InputError(f"--mfu {mfu}: give a fraction in (0, 1]")
+        plans = make_plan(cfg, gpu_memory=memory, gpus=gpus, mfu=mfu, peak_tflops=peak_tflops,
+                          model_config=str(model_config) if model_config else None)
+    except InputError as e:
+        _fail(str(e), 2)
+    typer.echo(format_plan(plans, mfu or cfg.plan.mfu, peak_tflops or cfg.plan.peak_tflops))
+
+
+def _parse_bytes(text: str) -> float:
+    """80GB, 80 (GB), 141GB, 80GiB -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GB|GiB|G|TB|MB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise InputError(f"--gpu-memory {text!r}: give a size such as 80GB or 141GB")
+    unit = (m.group(2) or "GB").upper()
+    scale = {"GB": 1e9, "G": 1e9, "GIB": 2**30, "TB": 1e12, "MB": 1e6}[unit]
+    return float(m.group(1)) * scale
+
+
 # --------------------------------------------------------------------------- query
 
 

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from longrecipe.errors import InputError
 
+NOT_IN_KEY = {"in_key": False}
+
+
+def unkeyed(default: Any, **kwargs: Any) -> Any:
+    """A field that never enters a stage key: how a result is computed, not what (process
+    counts, launcher files, chunk sizes). `config_digest` leaves it out."""
+    return Field(default, json_schema_extra=NOT_IN_KEY, **kwargs)
+
 
 class Frozen(BaseModel):
     """Base of every config: immutable, strict about unknown keys, documented fields."""
@@ -364,7 +372,13 @@ class BuildConfig(Frozen):
 
 
 class OptimConfig(Frozen):
-    """The training loop's optimisation settings (train and anneal)."""
+    """The training loop's optimisation settings (train and anneal).
+
+    The global batch (samples per optimizer step) is batch_size x grad_accum whatever
+    the number of processes: processes share the step's micro-batches, they do not add
+    to them. `num_processes`, `accelerate_config` and `loss_chunk_tokens` say how the
+    step is computed, not what: they never enter the stage key.
+    """
 
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate (AdamW)."""
@@ -377,12 +391,16 @@ class OptimConfig(Frozen):
     max_steps: int = Field(10, ge=1)
     """Optimizer steps. The samples are cycled (reshuffled each epoch) when they run out."""
     batch_size: int = Field(1, ge=1)
-    """Samples per micro-batch and process (shorter samples are right-padded)."""
+    """Samples per micro-batch: one forward pass of one process (shorter samples are
+    right-padded, or packed into one row under flash attention)."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step. The loss is the mean over every label token of
-    the step, so accumulation equals one big batch."""
+    """Micro-batches per optimizer step, all processes together: the global batch is
+    batch_size x grad_accum samples. With N processes each runs grad_accum / N of them
+    (grad_accum must be a multiple of N). The loss is the mean over every label token of
+    the global batch, so accumulation equals one big batch."""
     max_grad_norm: float | None = Field(1.0, gt=0)
-    """Gradient clipping (None: off; the norm is still recorded)."""
+    """Gradient clipping (None: off; the norm is still recorded). Also DeepSpeed's
+    `gradient_clipping` (0 when off)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -390,20 +408,29 @@ class OptimConfig(Frozen):
     seed: int = 2027
     """Seed of the data order (and of dropout, where a model has any)."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU); fp32: no autocast."""
+    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU; under DeepSpeed or
+    FSDP their own bf16 mixed precision); fp32: no autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a resumable checkpoint every N optimizer steps (0: never). A rerun after a
     kill resumes from the last one."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """auto: flash_attention_2 with CUDA and flash-attn, else sdpa."""
-    num_processes: int = Field(1, ge=1)
-    """Processes (GPUs) to train on. Above 1 the stage runs itself under `accelerate
-    launch` in a subprocess; the global batch is batch_size x grad_accum x num_processes."""
-    accelerate_config: str | None = None
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """auto: flash_attention_2 on CUDA with flash-attn installed, else sdpa. Resolved once
+    for the device the model trains on. flex_attention trains on CUDA only (torch has no
+    flex_attention backward on CPU)."""
+    loss_chunk_tokens: int = unkeyed(1024, ge=1)
+    """Tokens per chunk of the output head and cross-entropy: logits exist for one chunk
+    at a time and are recomputed in backward. Changes memory, not the loss (not in the key)."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes (GPUs) that compute each step; None: the accelerate config file's
+    num_processes, else 1. Above 1, or with an accelerate config, the stage runs itself
+    under `accelerate launch`. Not in the key: it changes who computes the global batch,
+    not the result."""
+    accelerate_config: str | None = unkeyed(None)
     """An accelerate config file (e.g. configs/accelerate/deepspeed-zero3-offload.yaml);
-    when set, the stage runs under `accelerate launch --config_file` even on one process."""
+    when set, the stage runs under `accelerate launch --config_file` even on one process.
+    Not in the key."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:
@@ -412,7 +439,24 @@ class OptimConfig(Frozen):
                 f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
                 f"({self.max_steps}) for a schedule that decays"
             )
+        if self.num_processes is not None:
+            self.per_process_accum(self.num_processes)
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum
+
+    def per_process_accum(self, processes: int) -> int:
+        """Micro-batches each of `processes` processes runs per optimizer step."""
+        if self.grad_accum % processes:
+            raise ValueError(
+                f"optim.grad_accum ({self.grad_accum}) must be a multiple of the number of "
+                f"processes ({processes}): processes share the step's micro-batches, so the "
+                "global batch (batch_size x grad_accum) stays what the config says"
+            )
+        return self.grad_accum // processes
 
 
 class TrainConfig(Frozen):
@@ -539,6 +583,25 @@ class CompareConfig(Frozen):
     merging (stages 1 and 2)."""
 
 
+class PlanConfig(Frozen):
+    """What `longrecipe plan` assumes about the machine; no stage reads it, so it is part
+    of no key."""
+
+    model_shape: str | None = None
+    """A config.json with the base model's shape (hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size), used while
+    model.source is not here (configs/models/ holds some); the model's own config.json
+    or GGUF header wins once it is."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory of one GPU in GB (1e9 bytes)."""
+    gpus: int | None = Field(None, ge=1)
+    """GPUs per stage; None: each stage's number of processes."""
+    peak_tflops: float = Field(989.0, gt=0)
+    """Dense bf16 peak of one GPU in TFLOP/s (H100/H200 SXM: 989)."""
+    mfu: float = Field(0.4, gt=0, le=1)
+    """Model FLOPs utilisation assumed for the hours."""
+
+
 class PipelineConfig(Frozen):
     """A whole recipe: the base model and one section per stage."""
 
@@ -564,6 +627,8 @@ class PipelineConfig(Frozen):
     """Report."""
     compare: CompareConfig = CompareConfig()
     """The method comparison (flows/compare.py)."""
+    plan: PlanConfig = PlanConfig()
+    """Assumptions of `longrecipe plan` (GPU memory, MFU, the model's shape)."""
 
 
 class RuntimeConfig(Frozen):
@@ -580,6 +645,9 @@ class RuntimeConfig(Frozen):
     fail_once_at: str | None = None
     """Testing aid: make this stage's task raise once (a marker in the store remembers), to
     exercise resume. Never set it in a recipe you mean to run."""
+    kill_at_step: int | None = Field(None, ge=1)
+    """Testing aid: the main process of a training stage kills itself (SIGKILL) right after
+    this optimizer step, to exercise resume after a hard kill. Never set it for a real run."""
 
 
 # ReferenceTrainingConfig (under AnalyzeConfig) names BuildConfig and TrainConfig, which
@@ -670,5 +738,22 @@ def _describe(err: ValidationError, path: Path, lines: dict[tuple, int], overrid
 
 
 def config_digest(cfg: BaseModel) -> dict:
-    """The JSON form of a config as it enters a key."""
-    return cfg.model_dump(mode="json")
+    """The JSON form of a config as it enters a key: every field except those declared
+    with `unkeyed`, at any depth."""
+    return _drop_unkeyed(cfg, cfg.model_dump(mode="json"))
+
+
+def _drop_unkeyed(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("in_key") is False:
+                continue
+            out[name] = _drop_unkeyed(getattr(value, name), dumped[name])
+        return out
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_drop_unkeyed(v, d) for v, d in zip(value, dumped, strict=True)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: _drop_unkeyed(value[k], dumped[k]) for k in value}
+    return dumped

@@ -138,7 +138,10 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
-    """flash_attention_2 when CUDA and flash-attn are there, else sdpa."""
+    """The attention backend for a model that runs on `device`: `auto` is
+    flash_attention_2 on CUDA with flash-attn installed, else sdpa. Call it once, with the
+    device the model will run on, and hand the result to `load_model` (which never checks
+    it against the device it loads on: training loads on the CPU, then moves)."""
     import importlib.util
 
     has_flash = importlib.util.find_spec("flash_attn") is not None
@@ -146,6 +149,9 @@ def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
         return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
     if requested == "flash_attention_2" and not (device == "cuda" and has_flash):
         raise ModelError("attention 'flash_attention_2' needs CUDA and the flash-attn package")
+    if requested == "flex_attention" and device != "cuda":
+        raise ModelError("attention 'flex_attention' trains on CUDA only (torch has no "
+                         "flex_attention backward on CPU)")
     return requested
 
 
@@ -218,13 +224,16 @@ def load_model(
     attention: str = "auto",
 ):
     """Load a causal LM in eval mode. GGUF weights are dequantised and the quantizer
-    detached so the model can be trained and saved like any other."""
+    detached so the model can be trained and saved like any other. `attention`: `auto`
+    (resolved for `device`) or a backend name used as given (see `pick_attention`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     src = model if isinstance(model, ModelSource) else resolve(model)
     dtype = dtype or torch.float32
-    attn = pick_attention(attention, device)
+    # only `auto` is resolved here; a named backend was resolved by the caller for the
+    # device the model runs on, which need not be the one it loads on
+    attn = pick_attention(attention, device) if attention == "auto" else attention
     if src.kind == "tiny":
         vocab = len(byte_tokenizer())
         config = tiny_config(src.spec.tiny, vocab_size=vocab)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from longrecipe import ModelSpec, OptimConfig, RuntimeConfig, TrainConfig, run_train
+from longrecipe.loop import causal_lm_forward
 from longrecipe.models import load_model, load_tokenizer
-from longrecipe.train import causal_lm_forward
 from tests.test_train import make_samples, metrics, positions
 
 pytestmark = pytest.mark.gpu
@@ -80,3 +80,15 @@ def test_auto_attention_picks_flash_attention_on_cuda():
     from longrecipe.models import pick_attention
 
     assert pick_attention("auto", "cuda") == "flash_attention_2"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_the_loop_trains_with_torch_attention_kernels_on_cuda(store, attention):
+    """The loop's padded layout (explicit mask) under sdpa and flex_attention, bf16, on
+    LongRecipe position ids: the backend is resolved for CUDA and recorded."""
+    samples = make_samples(store, n_samples=4)
+    cfg = TrainConfig(optim=OptimConfig(lr=3e-3, max_steps=6, batch_size=2, attention=attention))
+    ref = run_train(cfg, samples, ModelSpec(), store, CUDA)
+    losses = [r["loss"] for r in metrics(ref)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert ref.info["attention"] == attention

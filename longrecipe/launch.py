@@ -1,0 +1,243 @@
+"""Running a stage in several processes under `accelerate launch`, for any stage.
+
+The parent (the stage function, in the Prefect task or a script) writes a job file and
+starts
+
+    python -m accelerate.commands.launch [--config_file FILE] --num_processes N \\
+        [--multi_gpu | --cpu] --mixed_precision P -m longrecipe.launched --job JOB.json
+
+then waits and returns the committed artifact. Each launched process reads the job,
+checks it is one of N processes, and calls the stage's entry in the dispatch table of
+`longrecipe.launched`. Inside, `produce` replaces `store.produce`: process 0 holds the
+key's lock and commits the artifact after every other process has marked its share
+done (a file in the partial folder's scratch, named by the job id); the others work in
+the same partial folder and wait for the commit. Nothing here knows about training:
+a stage whose processes each compute a share of the parts uses the same three pieces
+(job file, dispatch entry, `produce`).
+
+Job file (JSON, `format: longrecipe.job/1`): `id`, `stage`, `store` (root), `processes`,
+`config` (the stage config, every field), `runtime` (RuntimeConfig), `inputs` (name ->
+{"artifact": [stage, key]} or {"model": ModelSpec}).
+
+CPU runs: accelerate's `--cpu` always takes its one-process launcher (two processes
+asked for, one run, and no word about it), so several CPU processes go through its
+torchrun launcher (`--multi_gpu`) and each process asks accelerate for the CPU
+itself, which gives DDP over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
+from longrecipe.config import ModelSpec, RuntimeConfig
+from longrecipe.errors import InputError
+
+JOB_FORMAT = "longrecipe.job/1"
+WAIT_S = 24 * 3600  # a launched process waits this long at most for the others
+_POLL_S = 0.2
+
+
+class LaunchError(RuntimeError):
+    """`accelerate launch` of a stage failed, or its processes disagree."""
+
+
+class LaunchConfigError(InputError):
+    """A launch that cannot do what its config asks (bad accelerate file, unsupported setup)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A launched process's view of its job file, inputs decoded."""
+
+    id: str
+    stage: str
+    store: ArtifactStore
+    processes: int
+    config: dict
+    runtime: RuntimeConfig
+    inputs: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- accelerate files
+
+
+def accelerate_file(path: str | None) -> dict:
+    """An accelerate config file's content ({} when none); a missing or bad file names itself."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise LaunchConfigError(f"accelerate config {path}: cannot read it: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise LaunchConfigError(f"accelerate config {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise LaunchConfigError(f"accelerate config {path}: the top level must be a mapping")
+    return data
+
+
+def distributed_kind(path: str | None) -> str:
+    """"deepspeed", "fsdp", "ddp" or "none", from an accelerate file's distributed_type."""
+    kind = str(accelerate_file(path).get("distributed_type", "NO")).upper()
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind, "ddp" if kind.startswith("MULTI_") else "none")
+
+
+def resolve_processes(num_processes: int | None, accelerate_config: str | None) -> int:
+    """The number of processes: the config's, else the accelerate file's, else 1."""
+    if num_processes is not None:
+        return num_processes
+    return int(accelerate_file(accelerate_config).get("num_processes", 1) or 1)
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def launch(spec: StageSpec, config: BaseModel, inputs: dict[str, Any], store: ArtifactStore,
+           runtime: RuntimeConfig, *, processes: int, accelerate_config: str | None,
+           mixed_precision: str) -> ArtifactRef:
+    """Run the stage of `spec` under `accelerate launch` and return its artifact."""
+    ref = store.get(spec.stage, spec.key)
+    if ref is not None:
+        return ref
+    from longrecipe.models import pick_device
+
+    device = pick_device(runtime.device)
+    kind = distributed_kind(accelerate_config)
+    if kind == "fsdp" and device == "cpu":
+        raise LaunchConfigError(
+            f"accelerate config {accelerate_config}: FSDP on a CPU is not supported by accelerate "
+            "1.15 (it applies FSDP only on GPU-like devices and would train with plain DDP "
+            "instead); use a GPU, configs/accelerate/ddp.yaml, or DeepSpeed"
+        )
+    job = {
+        "format": JOB_FORMAT,
+        "id": uuid.uuid4().hex[:12],
+        "stage": spec.stage,
+        "store": store.root,
+        "processes": processes,
+        "config": config.model_dump(mode="json"),
+        "runtime": runtime.model_dump(mode="json"),
+        "inputs": {k: _encode_input(v) for k, v in inputs.items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="longrecipe-launch-") as tmp:
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        cmd = launch_command(job_file, processes=processes, accelerate_config=accelerate_config,
+                             mixed_precision=mixed_precision, device=device)
+        env = {**os.environ, "HF_HOME": os.environ.get("HF_HOME", str(Path(tmp) / "hf"))}
+        proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise LaunchError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return store.require(spec.stage, spec.key)
+
+
+def launch_command(job_file: Path, *, processes: int, accelerate_config: str | None,
+                   mixed_precision: str, device: str) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    settings = accelerate_file(accelerate_config)
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    cmd += ["--num_processes", str(processes)]
+    if int(settings.get("num_machines", 1) or 1) <= 1:
+        cmd += ["--num_machines", "1", "--main_process_port", "0"]  # 0: a free port
+    if distributed_kind(accelerate_config) in ("deepspeed", "fsdp"):
+        pass  # the file picks accelerate's DeepSpeed / FSDP launcher (never `--cpu`)
+    elif processes > 1:
+        cmd += ["--multi_gpu"]  # torchrun; on a CPU each process asks for the CPU (gloo)
+    elif device == "cpu":
+        cmd += ["--cpu"]
+    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    return cmd + ["-m", "longrecipe.launched", "--job", str(job_file)]
+
+
+def _encode_input(v: Any) -> dict:
+    if isinstance(v, ArtifactRef):
+        return {"artifact": [v.stage, v.key]}
+    spec = getattr(v, "spec", v)  # a resolved ModelSource carries its spec
+    if isinstance(spec, ModelSpec):
+        return {"model": spec.model_dump(mode="json")}
+    raise TypeError(f"cannot pass {type(v).__name__} to a launched process")
+
+
+# --------------------------------------------------------------------------- a launched process
+
+
+def read_job(path: str | Path) -> Job:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != JOB_FORMAT:
+        raise LaunchError(f"{path}: not a {JOB_FORMAT} job file")
+    store = ArtifactStore(data["store"])
+    inputs = {k: _decode_input(store, v) for k, v in data["inputs"].items()}
+    return Job(data["id"], data["stage"], store, int(data["processes"]), data["config"],
+               RuntimeConfig.model_validate(data["runtime"]), inputs)
+
+
+def _decode_input(store: ArtifactStore, v: dict) -> Any:
+    if "artifact" in v:
+        return store.require(*v["artifact"])
+    return ModelSpec.model_validate(v["model"])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun's environment)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def produce(store: ArtifactStore, spec: StageSpec, body: Callable[[StageWriter], None],
+            job: Job | None = None) -> ArtifactRef:
+    """`store.produce` for a stage that may run in several processes.
+
+    In process (job None) or in a one-process job it is store.produce. Otherwise process
+    0 holds the lock, runs `body`, waits until every other process has marked its body
+    done, and commits; the others run `body` on the same partial folder (writing only
+    their own share), mark it done and wait for the commit.
+    """
+    rank, world = rank_and_world()
+    if job is None or world == 1:
+        return store.produce(spec, body)
+    partial = f"{store.dir(spec.stage, spec.key)}.partial"
+    if rank == 0:
+        def body_then_wait(w: StageWriter) -> None:
+            body(w)
+            marks = [_mark(w.scratch, job, r) for r in range(1, world)]
+            _wait(lambda: all(m.exists() for m in marks),
+                  f"process 0: processes 1..{world - 1} did not finish {spec.stage}/{spec.key}")
+
+        return store.produce(spec, body_then_wait)
+    ref = store.get(spec.stage, spec.key)
+    if ref is not None:
+        return ref
+    w = StageWriter(store, spec, partial)
+    body(w)
+    _mark(w.scratch, job, rank).touch()
+    _wait(lambda: store.get(spec.stage, spec.key) is not None,
+          f"process {rank}: {spec.stage}/{spec.key} was not committed by process 0")
+    return store.require(spec.stage, spec.key)
+
+
+def _mark(scratch: Path, job: Job, rank: int) -> Path:
+    folder = scratch / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{job.id}-{rank}.done"
+
+
+def _wait(ready: Callable[[], bool], message: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        if time.monotonic() > deadline:
+            raise LaunchError(message)
+        time.sleep(_POLL_S)
