@@ -116,6 +116,17 @@ def launch(spec: StageSpec, config: BaseModel, inputs: dict[str, Any], store: Ar
     from longrecipe.models import pick_device
 
     device = pick_device(runtime.device)
+    gpu = pinned_gpu(device)
+    if gpu is not None:
+        if processes > 1:
+            raise LaunchConfigError(
+                f"{spec.stage}: the run's device {device} is one GPU, but the stage asks for "
+                f"{processes} processes; run it on device cuda (or auto) and name its GPUs in "
+                "the accelerate config (gpu_ids)"
+            )
+        # the child sees that one GPU only, as its `cuda`
+        runtime = runtime.model_copy(update={"device": "cuda"})
+        device = "cuda"
     kind = distributed_kind(accelerate_config)
     if kind == "fsdp" and device == "cpu":
         raise LaunchConfigError(
@@ -139,10 +150,25 @@ def launch(spec: StageSpec, config: BaseModel, inputs: dict[str, Any], store: Ar
         cmd = launch_command(job_file, processes=processes, accelerate_config=accelerate_config,
                              mixed_precision=mixed_precision, device=device)
         env = {**os.environ, "HF_HOME": os.environ.get("HF_HOME", str(Path(tmp) / "hf"))}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise LaunchError(f"{' '.join(cmd)} exited with {proc.returncode}")
     return store.require(spec.stage, spec.key)
+
+
+def pinned_gpu(device: str) -> str | None:
+    """For `cuda:N`, the CUDA_VISIBLE_DEVICES value that shows a child process that GPU
+    alone (the N-th of the parent's own CUDA_VISIBLE_DEVICES, when it has one); None for
+    any other device."""
+    from longrecipe.models import cuda_index
+
+    index = cuda_index(device)
+    if index is None:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if visible else str(index)
 
 
 def launch_command(job_file: Path, *, processes: int, accelerate_config: str | None,

@@ -25,7 +25,7 @@ from longrecipe.config import EvaluateConfig, RuntimeConfig
 from longrecipe.errors import InputError
 from longrecipe.evaluate import niah as niah_mod
 from longrecipe.evaluate.metrics import score as score_one
-from longrecipe.models import ModelSource, load_model, load_tokenizer, pick_device
+from longrecipe.models import ModelSource, is_cuda, load_model, load_tokenizer, pick_device
 from longrecipe.tokens import encode
 
 RESULTS_SCHEMA = pa.schema(
@@ -108,7 +108,7 @@ class SuiteRunner:
         if self.runtime.threads:
             torch.set_num_threads(self.runtime.threads)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-            self.cfg.dtype, torch.bfloat16 if self.device == "cuda" else torch.float32
+            self.cfg.dtype, torch.bfloat16 if is_cuda(self.device) else torch.float32
         )
         self.label, self.key = label, src.key
         self.tok = self.tokenizer(src)
@@ -118,10 +118,11 @@ class SuiteRunner:
     def unload(self) -> None:
         self.model = self.tok = None
         gc.collect()
-        if self.device == "cuda":
+        if is_cuda(self.device):
             import torch
 
-            torch.cuda.empty_cache()
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
 
     def _advance(self, n: int, _seconds: float) -> None:
         if self.bar is not None:
