@@ -245,9 +245,19 @@ class AnalyzeConfig(Frozen):
     batch_tokens: int = Field(8192, ge=8)
     """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
     shard_docs: int = Field(16, ge=1)
-    """Documents per resumable part."""
+    """Documents per resumable part (also the unit processes share)."""
     max_documents: int | None = Field(None, ge=1)
     """Analyse only the first N training documents."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that score the shards, each its share (on GPUs one GPU each); process 0
+    then makes the corpus-wide statistic, the flags and the tables. None: the accelerate
+    config file's num_processes, else 1. Above 1, or with an accelerate config, the
+    stage runs itself under `accelerate launch`. Not in the key: the artifact is the same
+    for any number of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalyzeConfig:
@@ -554,6 +564,16 @@ class EvaluateConfig(Frozen):
     max_documents: int = Field(8, ge=1)
     """Held-out documents per perplexity length and for retention: the first N that have
     at least that many tokens."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that share the (model, suite, task, length) parts (on GPUs one GPU each);
+    process 0 then writes the summary and heatmaps. None: the accelerate config file's
+    num_processes, else 1. Above 1, or with an accelerate config, the stage runs itself
+    under `accelerate launch`. Not in the key: the artifact is the same for any number
+    of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> EvaluateConfig:

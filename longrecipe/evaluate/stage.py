@@ -6,6 +6,12 @@ part: `eval_summary` (one row per model, suite, task and length) and, for the
 NIAH suite, a heatmap per model in `files/heatmap-<label>.png`
 (longrecipe.evaluate.summary). The suites themselves (niah, ruler, perplexity,
 retention) are run by longrecipe.evaluate.suites.
+
+With `num_processes` N the stage runs under `accelerate launch` (longrecipe.launch):
+each process scores its share of the parts (`assign_shares` by expected samples x
+length, the same plan in every process) on its own device, process 0 writes the
+summary and heatmaps once every part exists. The artifact is the same (key and
+tables) for any N, and a killed run resumes with any N from its finished parts.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
-from longrecipe.config import EvaluateConfig, ModelSpec, RuntimeConfig
+from longrecipe.config import EvaluateConfig, ModelSpec, RuntimeConfig, config_digest
 from longrecipe.data import RULER_FILES, ruler_dir
 from longrecipe.evaluate import niah as niah_mod
 from longrecipe.evaluate.suites import RESULTS_SCHEMA, EvaluateError, Part, SuiteRunner
@@ -27,6 +33,15 @@ from longrecipe.evaluate.summary import (
     seconds_per_sample,
     summarize,
     write_heatmaps,
+)
+from longrecipe.launch import (
+    Job,
+    assign_shares,
+    launch,
+    process_runtime,
+    produce,
+    rank_and_world,
+    resolve_processes,
 )
 from longrecipe.models import ModelSource, resolve
 from longrecipe.progress import progress_bar
@@ -64,7 +79,7 @@ def evaluate_spec(
         inputs["documents"] = documents.key
     for name, digest in _data_digests(cfg, Path(data_dir) if data_dir else ruler_dir()).items():
         inputs[f"data:{name}"] = digest
-    return StageSpec(STAGE, STAGE_VERSION, cfg, inputs)
+    return StageSpec(STAGE, STAGE_VERSION, config_digest(cfg), inputs)
 
 
 def plan(cfg: EvaluateConfig, labels: Sequence[str], ruler_tasks: Sequence[str]) -> list[Part]:
@@ -98,8 +113,22 @@ def run_evaluate(
 
     `models` maps a label ("base", "merged", ...) to a model; `documents` is the ingest
     artifact whose `heldout` rows feed perplexity, retention and the corpus haystack;
-    `data_dir` holds RULER's files (default: `longrecipe.data.ruler_dir()`).
+    `data_dir` holds RULER's files (default: `longrecipe.data.ruler_dir()`). With
+    cfg.num_processes > 1 (or an accelerate config) the stage runs under `accelerate
+    launch`, each process scoring its share of the parts.
     """
+    return _run_evaluate(cfg, models, store, runtime, documents, data_dir, job=None)
+
+
+def run_launched(job: Job) -> ArtifactRef:
+    """One process of a launched evaluation (longrecipe.launched's entry)."""
+    cfg = EvaluateConfig.model_validate(job.config)
+    models = {k.split(":", 1)[1]: v for k, v in job.inputs.items() if k.startswith("model:")}
+    return _run_evaluate(cfg, models, job.store, process_runtime(job.runtime),
+                         job.inputs.get("documents"), job.inputs.get("data_dir"), job=job)
+
+
+def _run_evaluate(cfg, models, store, runtime, documents, data_dir, *, job: Job | None) -> ArtifactRef:
     if not models:
         raise EvaluateError("evaluate: no models given")
     sources = {label: m if isinstance(m, ModelSource) else resolve(m) for label, m in models.items()}
@@ -111,27 +140,22 @@ def run_evaluate(
     heldout = _heldout(documents) if _needs_documents(cfg) else []
     tasks = _ruler_tasks(cfg) if "ruler" in cfg.suites else []
     parts = plan(cfg, sorted(sources), tasks)
+    runner = SuiteRunner(cfg, runtime, data, heldout)
+    if job is None:  # the launched processes were checked by their parent
+        _check_lengths(cfg, sources, tasks, runner, data)  # before any model loads
+        if (cfg.num_processes or 1) > 1 or cfg.accelerate_config is not None:
+            inputs = {f"model:{label}": m for label, m in sorted(models.items())}
+            inputs.update({"documents": documents} if documents is not None else {}, data_dir=data)
+            return launch(spec, cfg, inputs, store, runtime,
+                          processes=resolve_processes(cfg.num_processes, cfg.accelerate_config),
+                          accelerate_config=cfg.accelerate_config, mixed_precision="no")
+    rank, world = rank_and_world() if job is not None else (0, 1)
 
-    def body(w: StageWriter) -> None:
-        todo = [p for p in parts if not w.has_part("eval_results", p.index)]
-        runner = SuiteRunner(cfg, runtime, data, heldout)
-        if "niah" in cfg.suites:  # fail before any model loads, not at the first short length
-            for label in sorted({p.label for p in todo}):
-                try:
-                    need = niah_mod.min_length(runner.tokenizer(sources[label]),
-                                               cfg.niah_max_new_tokens, cfg.prompt_format)
-                except niah_mod.HaystackError as e:
-                    raise EvaluateError(f"model {label!r}: {e}") from None
-                if min(cfg.lengths) < need:
-                    raise EvaluateError(
-                        f"evaluate.lengths: {min(cfg.lengths)} is too short for a NIAH prompt with "
-                        f"model {label!r}'s tokenizer: the template, needle and question take "
-                        f"{need - cfg.niah_max_new_tokens} tokens plus niah_max_new_tokens="
-                        f"{cfg.niah_max_new_tokens}; use lengths of at least {need + 64}"
-                    )
-        if tasks:
-            _check_ruler_lengths(cfg, tasks, [sources[x] for x in sorted({p.label for p in todo})],
-                                 runner, data)
+    def run_my_parts(w: StageWriter) -> dict:
+        """This process's share of the parts (all of them in one process), model by model."""
+        owner = assign_shares([runner.expected(p) * p.length for p in parts], world)
+        todo = [p for p in parts if owner[p.index] == rank
+                and not w.has_part("eval_results", p.index)]
         with progress_bar("evaluate", runtime.progress, unit="samples",
                           total=sum(runner.expected(p) for p in todo) or None) as bar:
             runner.bar = bar
@@ -144,6 +168,10 @@ def run_evaluate(
                     bar.note(f"{label} {p.suite}/{p.task} @ {p.length}")
                     w.write_part("eval_results", p.index, runner.run(p))
                 runner.unload()
+        return {"device": runner.device, "parts_computed": len(todo)}
+
+    def finish(w: StageWriter, shares: list[dict]) -> None:
+        """Once every part exists: the summary, the heatmaps, the facts."""
         results = pa.concat_tables([w.read_part("eval_results", p.index) for p in parts])
         w.write_table("eval_summary", summarize(results))
         heatmaps = write_heatmaps(w, results, sorted(sources)) if "niah" in cfg.suites else []
@@ -159,9 +187,34 @@ def run_evaluate(
             empty_parts=[f"{p.label}/{p.suite}/{p.task}/{p.length}" for p in parts
                          if w.read_part("eval_results", p.index).num_rows == 0],
             seconds_per_sample=seconds_per_sample(results),
+            processes=len(shares),
+            devices=[sh["device"] for sh in shares],
+            parts_computed=sum(sh["parts_computed"] for sh in shares),
         )
 
-    return store.produce(spec, body)
+    return produce(store, spec, run_my_parts, job, finish=finish)
+
+
+def _check_lengths(cfg: EvaluateConfig, sources: Mapping[str, ModelSource], tasks: list[str],
+                   runner: SuiteRunner, data_dir: Path) -> None:
+    """Fail before any model loads when the shortest length cannot hold a NIAH prompt or
+    a RULER task with a model's tokenizer (not at the first short length)."""
+    if "niah" in cfg.suites:
+        for label in sorted(sources):
+            try:
+                need = niah_mod.min_length(runner.tokenizer(sources[label]),
+                                           cfg.niah_max_new_tokens, cfg.prompt_format)
+            except niah_mod.HaystackError as e:
+                raise EvaluateError(f"model {label!r}: {e}") from None
+            if min(cfg.lengths) < need:
+                raise EvaluateError(
+                    f"evaluate.lengths: {min(cfg.lengths)} is too short for a NIAH prompt with "
+                    f"model {label!r}'s tokenizer: the template, needle and question take "
+                    f"{need - cfg.niah_max_new_tokens} tokens plus niah_max_new_tokens="
+                    f"{cfg.niah_max_new_tokens}; use lengths of at least {need + 64}"
+                )
+    if tasks:
+        _check_ruler_lengths(cfg, tasks, [sources[x] for x in sorted(sources)], runner, data_dir)
 
 
 # --------------------------------------------------------------------------- inputs
