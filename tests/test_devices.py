@@ -127,3 +127,13 @@ def test_a_launched_stage_on_cuda_n_sees_that_gpu_alone(two_gpus, monkeypatch, t
     with pytest.raises(LaunchConfigError, match="device cuda:1 is one GPU, but the stage asks for 2 processes"):
         launch(spec, CompareConfig(), {}, ArtifactStore(tmp_path), RuntimeConfig(device="cuda:1"),
                processes=2, accelerate_config=None, mixed_precision="no")
+
+
+def test_the_cli_names_a_bad_device_and_exits_2():
+    from typer.testing import CliRunner
+
+    from longrecipe.cli import app
+
+    for command in ("run", "compare"):
+        r = CliRunner().invoke(app, [command, "configs/tiny.yaml", "--device", "gpu:1"])
+        assert r.exit_code == 2 and "--device 'gpu:1': choose auto, cpu, cuda or cuda:N" in r.output
