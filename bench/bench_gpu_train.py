@@ -224,6 +224,8 @@ def length(args) -> None:
     print(f"\n3. length: random Llama {shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B), FSDP2 "
           f"{'with CPU offload ' if args.device == 'cuda' else ''}on one device, bf16, checkpointing, chunked "
           f"loss (set up in {time.perf_counter() - t0:.0f} s)")
+    print(f"   plan predicts the longest power-of-two multiple of 8k that fits {args.gpu_memory_gb:.0f} GB: "
+          f"{predicted_longest(shape, args.gpu_memory_gb):,} tokens", flush=True)
     rng = np.random.default_rng(2)
     longest = 0
     for T in lengths:
@@ -246,8 +248,7 @@ def length(args) -> None:
         print(f"   {T:>8,} tokens: trained, {time.perf_counter() - t:6.1f} s, peak {peak:6.1f} GB, loss {loss.item():.3f}")
         longest = T
         del hidden, loss, b
-    print(f"   longest sample that trained: {longest:,} tokens (goal >= 48k); plan predicts "
-          f"{predicted_longest(shape, args.gpu_memory_gb):,} for {args.gpu_memory_gb:.0f} GB")
+    print(f"   longest sample that trained: {longest:,} tokens (goal >= 48k)")
 
 
 def model_shape(shape: dict):

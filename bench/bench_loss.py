@@ -17,6 +17,7 @@ full, chunked, chunked, full, ... so drifting load hits both; the fastest run of
 is compared. Goals: peak at most 0.6x, time at most 1.1x.
 
     OMP_NUM_THREADS=2 python bench/bench_loss.py [--tokens 8192] [--chunk 1024] [--repeats 2]
+    OMP_NUM_THREADS=2 python bench/bench_loss.py --loss-only --repeats 6   # the part that differs
 """
 
 from __future__ import annotations
@@ -87,13 +88,54 @@ def one(variant: str, tokens: int, chunk: int) -> dict:
     return {"variant": variant, "seconds": seconds, "tensors": tracker.peak, "rss": rss, "loss": loss}
 
 
+def loss_part(tokens: int, chunk: int, repeats: int) -> None:
+    """Only what differs between the variants: output head + cross-entropy, forward and
+    backward, on fixed hidden states, alternating in one process (time only)."""
+    import statistics
+    import time
+
+    import torch
+
+    from longrecipe import ModelSpec
+    from longrecipe.head import output_head
+    from longrecipe.loss import chunked_nll_sum, full_nll_sum
+    from longrecipe.models import load_model
+
+    model = load_model(ModelSpec(source=str(DEMO_GGUF)), attention="sdpa")
+    head = output_head(model)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, tokens, model.config.hidden_size, generator=g, requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
+    times: dict[str, list[float]] = {"full": [], "chunked": []}
+    for i in range(repeats):
+        for name in ("full", "chunked") if i % 2 == 0 else ("chunked", "full"):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = (full_nll_sum(hidden, targets, head) if name == "full"
+                        else chunked_nll_sum(hidden, targets, head, chunk))
+            loss.backward()
+            times[name].append(time.perf_counter() - t)
+            hidden.grad = None
+            model.zero_grad(set_to_none=True)
+    f, c = times["full"], times["chunked"]
+    print(f"output head + loss only, {tokens} tokens, {repeats} alternating runs each: full "
+          f"{min(f):.2f} s (median {statistics.median(f):.2f}), chunked {min(c):.2f} s (median "
+          f"{statistics.median(c):.2f}); chunked / full {min(c) / min(f):.3f} fastest, "
+          f"{statistics.median(c) / statistics.median(f):.3f} median")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--loss-only", action="store_true",
+                    help="time only the output head + loss (fixed hidden states), in one process")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loss_only:
+        loss_part(args.tokens, args.chunk, max(args.repeats, 3))
+        return
     if args.one:
         print(json.dumps(one(args.one, args.tokens, args.chunk)))
         return
