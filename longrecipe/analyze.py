@@ -278,7 +278,7 @@ def _score_shards(w: StageWriter, reader: DocReader, shards: list, mine: list[in
             n_computed += sum(len(d.ids) for d in docs)
             w.write_part("token_scores", i, token_scores_table(docs, scores))
     return dict(shards_computed=len(pending), tokens_computed=n_computed, forward_tokens=total,
-                compute_seconds=compute_s, device=scorer.device)
+                compute_seconds=compute_s, device=scorer.device if pending else runtime.device)
 
 
 def _timing(shares: list[dict]) -> dict:
