@@ -13,7 +13,9 @@ key's lock and commits the artifact after every other process has marked its sha
 done (a file in the partial folder's scratch, named by the job id); the others work in
 the same partial folder and wait for the commit. Nothing here knows about training:
 a stage whose processes each compute a share of the parts uses the same three pieces
-(job file, dispatch entry, `produce`).
+(job file, dispatch entry, `produce`), with `assign_shares` (which parts are whose),
+`process_runtime` (each process's device) and `produce`'s `finish` (what process 0
+does once every share exists: analyze's corpus-wide steps, evaluate's summary).
 
 Job file (JSON, `format: longrecipe.job/1`): `id`, `stage`, `store` (root), `processes`,
 `config` (the stage config, every field), `runtime` (RuntimeConfig), `inputs` (name ->
