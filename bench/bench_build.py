@@ -19,16 +19,16 @@ import numpy as np
 import pyarrow as pa
 
 from longrecipe import ArtifactStore, BuildConfig, RuntimeConfig, StageSpec
-from longrecipe.build import (
-    _KEEP_STREAM,
-    _SAMPLE_STREAM,
+from longrecipe.build import run_build
+from longrecipe.document_stream import (
+    KEEP_STREAM,
+    SAMPLE_STREAM,
     DocIndex,
     Sentences,
-    build_samples,
-    run_build,
     select_sentences,
     take_runs,
 )
+from longrecipe.samples import build_samples
 
 EOS = 50_000  # above every synthetic token id
 
@@ -97,7 +97,7 @@ def baseline(cfg: BuildConfig, prepared, n_samples: int):
     docs, sents = prepared
     L, T = cfg.train_len, cfg.target_len
     n_sent = sum(len(x[0]) for x in sents)
-    u = np.random.default_rng([cfg.seed, _KEEP_STREAM]).random(n_sent).tolist()
+    u = np.random.default_rng([cfg.seed, KEEP_STREAM]).random(n_sent).tolist()
     out, ids, starts = [], [], []
 
     def push(token, piece_start: bool) -> bool:
@@ -131,7 +131,7 @@ def baseline(cfg: BuildConfig, prepared, n_samples: int):
 
 
 def _baseline_positions(cfg, k, starts, L, T):
-    rng = np.random.default_rng([cfg.seed, _SAMPLE_STREAM, k])
+    rng = np.random.default_rng([cfg.seed, SAMPLE_STREAM, k])
     rt = int(rng.integers(1, (L + 1) // 2, endpoint=True))
     bounds = [s for s in starts if s >= rt and s > 0]
     m, total = len(bounds), T - L

@@ -6,13 +6,16 @@
 #   3. training throughput and MFU (bench/bench_train.py --device cuda),
 #   4. issue 12's training checks (bench/bench_gpu_train.py): sdpa / flex_attention against
 #      fp32 eager on LongRecipe ids, a 1B-shaped Llama's tokens/s, MFU and LongRecipe-vs-full
-#      step at 16k and 32k, and the longest sample an 8B-shaped Llama trains on one GPU.
-# CHECKS selects them (default all: study,tests,bench,train); each has its own timeout so
-# that `CHECKS=tests,train` fits in 10 minutes.
+#      step at 16k and 32k, and the longest sample an 8B-shaped Llama trains on one GPU,
+#   5. issue 15's scale checks (bench/bench_gpu_analyze.py): the analyze stage on a 1B-shaped
+#      Llama at 16k and 32k (tokens/s, MFU, stage vs bare forward) and evaluation prefill
+#      at 32k; the gpu tests include the stages on an indexed GPU (cuda:N).
+# CHECKS selects them (default all: study,tests,bench,train,scale); each has its own
+# timeout so that `CHECKS=tests,scale` fits in 10 minutes.
 # Wheels in .whl/ (what the machine lacks) are installed into /tmp/site first. The study's
 # prepared inputs (tokenizer, corpora as .jsonl.xz) may be carried in
 # studies/extension/runs-gpu/; whatever is missing is prepared there.
-# Results go to $OUT (default /tmp/gpu-out), at most nine files.
+# Results go to $OUT (default /tmp/gpu-out), at most ten files.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -24,7 +27,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 STUDY_TIMEOUT=${STUDY_TIMEOUT:-380}
-CHECKS=${CHECKS:-study,tests,bench,train}
+CHECKS=${CHECKS:-study,tests,bench,train,scale}
 want() { case ",$CHECKS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
 {
@@ -58,3 +61,5 @@ if want train; then
     timeout 300 python3 bench/bench_gpu_train.py --parts length
   } 2>&1 | grep -v Warning | tee "$OUT/bench_gpu_train.txt"
 fi
+want scale && timeout 300 python3 bench/bench_gpu_analyze.py 2>&1 | grep -v Warning \
+  | tee "$OUT/bench_gpu_analyze.txt"

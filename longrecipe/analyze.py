@@ -21,11 +21,16 @@ Sentences are then flagged by their share of impactful tokens: the top
 
 Order of work, so that a killed run resumes (each step is deterministic):
 1. per shard of `shard_docs` documents: the scores, written as the shard's
-   `token_scores` part (its done-marker; finished shards are skipped);
+   `token_scores` part (its done-marker; finished shards are skipped). With
+   `num_processes` N (under `accelerate launch`, longrecipe.launch) each process
+   scores its share of the shards (`assign_shares`: the same plan in every process)
+   on its own device; steps 2-4 run in process 0 once every share is done;
 2. the corpus-wide type statistic, from every token_scores part;
 3. every sentence's count of impactful tokens, and the sentence flags;
 4. per shard: `token_scores` rewritten with the type flags (unit=type), then the
    `sentences` part (the done-marker of this step); then `token_stats`.
+The artifact is the same (key and tables) for any number of processes, and a run
+killed half-way resumes with any number, reusing every finished part.
 """
 
 from __future__ import annotations
@@ -45,7 +50,16 @@ from longrecipe.analysis_tables import (
     with_flags,
 )
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
-from longrecipe.config import AnalyzeConfig, ModelSpec, RuntimeConfig
+from longrecipe.config import AnalyzeConfig, ModelSpec, RuntimeConfig, config_digest
+from longrecipe.launch import (
+    Job,
+    assign_shares,
+    launch,
+    process_runtime,
+    produce,
+    rank_and_world,
+    resolve_processes,
+)
 from longrecipe.models import ModelSource, load_tokenizer, resolve
 from longrecipe.progress import progress_bar
 from longrecipe.scoring import AnalyzeError, Scorer, rope_reference
@@ -79,7 +93,7 @@ def analyze_spec(
     inputs = {"documents": documents.key, "model": model.key}
     if reference is not None:
         inputs["reference"] = reference.key
-    return StageSpec(STAGE, STAGE_VERSION, cfg, inputs)
+    return StageSpec(STAGE, STAGE_VERSION, config_digest(cfg), inputs)
 
 
 def reference_source(
@@ -137,18 +151,50 @@ def run_analyze(
     """Score the training documents with `cfg.method` and write token_scores, sentences and
     token_stats. The logit_delta reference is `reference` (the model of
     run_reference_training, when cfg.reference_training is set), cfg.reference, or the
-    base model with cfg.reference_rope."""
+    base model with cfg.reference_rope. With cfg.num_processes > 1 (or an accelerate
+    config) the stage runs under `accelerate launch`, each process scoring its share."""
+    return _run_analyze(cfg, documents, model, store, runtime, reference, job=None)
+
+
+def run_launched(job: Job) -> ArtifactRef:
+    """One process of a launched analysis (longrecipe.launched's entry)."""
+    cfg = AnalyzeConfig.model_validate(job.config)
+    return _run_analyze(cfg, job.inputs["documents"], job.inputs["model"], job.store,
+                        process_runtime(job.runtime), job.inputs.get("reference"), job=job)
+
+
+def _run_analyze(cfg, documents, model, store, runtime, reference, *, job: Job | None) -> ArtifactRef:
     src = model if isinstance(model, ModelSource) else resolve(model)
     ref_src = reference_source(cfg, reference)
+    spec = analyze_spec(cfg, documents, src, ref_src)
+    if job is None and ((cfg.num_processes or 1) > 1 or cfg.accelerate_config is not None):
+        inputs = {"documents": documents, "model": src,
+                  **({"reference": ref_src} if ref_src is not None else {})}
+        return launch(spec, cfg, inputs, store, runtime,
+                      processes=resolve_processes(cfg.num_processes, cfg.accelerate_config),
+                      accelerate_config=cfg.accelerate_config, mixed_precision="no")
     reader = DocReader(documents)
     shards = reader.plan(cfg.shard_docs, cfg.max_documents)
+    rank, world = rank_and_world() if job is not None else (0, 1)
+    started = time.perf_counter()
+    held: dict = {}  # what process 0's finish reuses from its own step 1
 
-    def body(w: StageWriter) -> None:
-        started = time.perf_counter()
-        tok = load_tokenizer(src)
-        tok_seconds = time.perf_counter() - started
+    def score_my_shards(w: StageWriter) -> dict:
+        """Step 1, this process's share of the shards (all of them in one process)."""
+        t0 = time.perf_counter()
+        tok = held["tok"] = load_tokenizer(src)
+        tok_seconds = time.perf_counter() - t0
         scorer = Scorer(cfg, src, ref_src, runtime, tok)
-        timing = _score_shards(w, cfg, reader, shards, scorer, runtime)
+        cost = [scorer.forward_tokens(reader.lengths(s)) or len(s) for s in shards]
+        owner = assign_shares(cost, world)
+        timing = _score_shards(w, reader, shards, [i for i in range(len(shards)) if owner[i] == rank],
+                               scorer, runtime)
+        held["load_seconds"] = tok_seconds + scorer.load_seconds
+        return timing
+
+    def finish(w: StageWriter, shares: list[dict]) -> None:
+        """Steps 2-4, once every shard is scored: they need the whole corpus."""
+        tok = held["tok"]
         stats, facts = _aggregate(w, reader, shards)
         unit = cfg.effective_unit
         type_flags, type_facts = (None, None) if unit == "digits" else impactful_types(stats, cfg)
@@ -199,25 +245,25 @@ def run_analyze(
             reference_training=ref_src.key if cfg.reference_training is not None else None,
             shards=len(shards),
             seconds=round(time.perf_counter() - started, 3),
-            load_seconds=round(tok_seconds + scorer.load_seconds, 3),
+            load_seconds=round(held["load_seconds"], 3),
             short_context=(
                 [cfg.short_window - cfg.short_stride + 1, cfg.short_window]
                 if cfg.method == "lsd" else None
             ),
-            **timing,
+            **_timing(shares),
             **facts,
         )
 
-    return store.produce(analyze_spec(cfg, documents, src, ref_src), body)
+    return produce(store, spec, score_my_shards, job, finish=finish)
 
 
 # --------------------------------------------------------------------------- steps
 
 
-def _score_shards(w: StageWriter, cfg: AnalyzeConfig, reader: DocReader, shards: list,
+def _score_shards(w: StageWriter, reader: DocReader, shards: list, mine: list[int],
                   scorer: Scorer, runtime: RuntimeConfig) -> dict:
-    """Step 1: score every shard not finished yet, one token_scores part each."""
-    pending = [i for i in range(len(shards)) if not w.has_part("token_scores", i)]
+    """Step 1: score the shards of `mine` not finished yet, one token_scores part each."""
+    pending = [i for i in mine if not w.has_part("token_scores", i)]
     total = sum(scorer.forward_tokens(reader.lengths(shards[i])) for i in pending)
     n_computed, compute_s = 0, 0.0
     if pending:
@@ -231,12 +277,24 @@ def _score_shards(w: StageWriter, cfg: AnalyzeConfig, reader: DocReader, shards:
             compute_s += time.perf_counter() - t0
             n_computed += sum(len(d.ids) for d in docs)
             w.write_part("token_scores", i, token_scores_table(docs, scores))
+    return dict(shards_computed=len(pending), tokens_computed=n_computed, forward_tokens=total,
+                compute_seconds=compute_s, device=scorer.device if pending else runtime.device)
+
+
+def _timing(shares: list[dict]) -> dict:
+    """Step 1's figures, all processes together: throughput is the tokens they computed
+    over the slowest one's compute time (what the processes achieved side by side)."""
+    slowest = max(s["compute_seconds"] for s in shares)
+    computed = sum(s["tokens_computed"] for s in shares)
+    forward = sum(s["forward_tokens"] for s in shares)
     return dict(
-        shards_computed=len(pending),
-        tokens_computed=n_computed,
-        forward_tokens=total,
-        tokens_per_s=round(n_computed / compute_s, 1) if compute_s else None,
-        forward_tokens_per_s=round(total / compute_s, 1) if compute_s else None,
+        processes=len(shares),
+        devices=[s["device"] for s in shares],
+        shards_computed=sum(s["shards_computed"] for s in shares),
+        tokens_computed=computed,
+        forward_tokens=forward,
+        tokens_per_s=round(computed / slowest, 1) if slowest else None,
+        forward_tokens_per_s=round(forward / slowest, 1) if slowest else None,
     )
 
 

@@ -58,7 +58,7 @@ def _run_anneal(cfg, model, replay_samples, store, runtime, *, job: Job | None) 
     check_weights(src)
     check_replay(replay_samples)
     spec = anneal_spec(cfg, model, replay_samples)
-    if job is None and needs_launch(cfg.optim):
+    if job is None and needs_launch(cfg.optim, runtime):
         inputs = {"model": model, "replay_samples": replay_samples}
         return launch_training(spec, cfg, inputs, store, runtime)
 

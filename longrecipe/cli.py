@@ -66,7 +66,7 @@ def run(
         str | None, typer.Option(help=f"Stop after this stage ({', '.join(STAGES)}).")
     ] = None,
     store: StoreOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     verbose: VerboseOpt = False,
     fail_once_at: Annotated[str | None, typer.Option(hidden=True, help="Testing: make STAGE fail once.")] = None,
 ) -> None:
@@ -78,8 +78,7 @@ def run(
     """
     if until is not None and until not in STAGES:
         _fail(f"--until {until!r}: choose one of {', '.join(STAGES)}", 2)
-    if device not in ("auto", "cpu", "cuda"):
-        _fail(f"--device {device!r}: choose auto, cpu or cuda", 2)
+    _check_device(device)
 
     def start(root: str) -> dict:
         from flows.pipeline import run_pipeline
@@ -101,11 +100,17 @@ def compare(
         typer.Option("--set", help="Override a field: --set compare.methods=[full,longrecipe] (repeatable)."),
     ] = None,
     store: StoreOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (shared stages; "
+                                              "the branches use compare.devices).")] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare methods (full, randomized, pose, longrecipe) on one recipe: shared ingest and
-    analysis, then each method's samples, training and evaluation, and one report."""
+    analysis, then each method's samples, training and evaluation, and one report.
+
+    With `--set 'compare.devices=[cuda:0, cuda:1]'` (or a count) the branches run at the
+    same time, one per device; `[cpu, cpu]` gives two CPU slots. The artifacts are those
+    of the sequential run."""
+    _check_device(device)
 
     def start(root: str) -> dict:
         from flows.compare import compare as compare_flow
@@ -115,6 +120,13 @@ def compare(
     s = _store(store, create=True)
     report = _run_flow(config, set_ or [], s, start, verbose)["report"]
     typer.echo(f"report    {report['key']}  {s.dir(report['stage'], report['key'])}/files/report.md")
+
+
+def _check_device(device: str) -> None:
+    from longrecipe.config import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(device):
+        _fail(f"--device {device!r}: choose auto, cpu, cuda or cuda:N", 2)
 
 
 def _run_flow(config: Path, overrides: list[str], store, start, verbose: bool) -> dict:

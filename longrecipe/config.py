@@ -8,6 +8,7 @@ fails at load with the field path, the file and the line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from longrecipe.errors import InputError
 
 NOT_IN_KEY = {"in_key": False}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+"""A device as a run names it: auto, cpu, cuda, or cuda:N (one GPU of several)."""
 
 
 def unkeyed(default: Any, **kwargs: Any) -> Any:
@@ -242,9 +245,19 @@ class AnalyzeConfig(Frozen):
     batch_tokens: int = Field(8192, ge=8)
     """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
     shard_docs: int = Field(16, ge=1)
-    """Documents per resumable part."""
+    """Documents per resumable part (also the unit processes share)."""
     max_documents: int | None = Field(None, ge=1)
     """Analyse only the first N training documents."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that score the shards, each its share (on GPUs one GPU each); process 0
+    then makes the corpus-wide statistic, the flags and the tables. None: the accelerate
+    config file's num_processes, else 1. Above 1, or with an accelerate config, the
+    stage runs itself under `accelerate launch`. Not in the key: the artifact is the same
+    for any number of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalyzeConfig:
@@ -551,6 +564,16 @@ class EvaluateConfig(Frozen):
     max_documents: int = Field(8, ge=1)
     """Held-out documents per perplexity length and for retention: the first N that have
     at least that many tokens."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that share the (model, suite, task, length) parts (on GPUs one GPU each);
+    process 0 then writes the summary and heatmaps. None: the accelerate config file's
+    num_processes, else 1. Above 1, or with an accelerate config, the stage runs itself
+    under `accelerate launch`. Not in the key: the artifact is the same for any number
+    of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> EvaluateConfig:
@@ -581,6 +604,27 @@ class CompareConfig(Frozen):
     through: Literal["train", "merge"] = "train"
     """Evaluate each method's model after training only (stage 0), or after annealing and
     merging (stages 1 and 2)."""
+    devices: list[str] | int | None = None
+    """Devices the branches (the base model's evaluation, then each method's build, train,
+    anneal, merge and evaluation) run on at the same time, one branch per device: a list
+    (`[cuda:0, cuda:1]`; `[cpu, cpu]` gives two CPU slots), a count N (cuda:0..N-1 where
+    the run uses CUDA, else N CPU slots), or None (one branch after another on the run's
+    device). Where a branch runs never changes what it makes: the artifacts and their
+    keys are those of the sequential run."""
+
+    @model_validator(mode="after")
+    def _devices(self) -> CompareConfig:
+        d = self.devices
+        if isinstance(d, int) and d < 1:
+            raise ValueError(f"compare.devices: a count must be at least 1 (got {d})")
+        if isinstance(d, list):
+            if not d:
+                raise ValueError("compare.devices is empty: name at least one device, or "
+                                 "leave it unset to run the branches one after another")
+            bad = [x for x in d if not DEVICE_PATTERN.match(x) or x == "auto"]
+            if bad:
+                raise ValueError(f"compare.devices: {bad[0]!r} is not cpu, cuda or cuda:N")
+        return self
 
 
 class PlanConfig(Frozen):
@@ -634,8 +678,14 @@ class PipelineConfig(Frozen):
 class RuntimeConfig(Frozen):
     """How to run, never what to compute: it never enters a key."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where models run."""
+    device: str = Field("auto", pattern=DEVICE_PATTERN.pattern)
+    """Where models run: auto (CUDA when torch sees it, else the CPU), cpu, cuda, or one
+    GPU of several as cuda:N (what a branch of the concurrent comparison gets)."""
+    isolated: bool = False
+    """Run each training stage (train, anneal) in a process of its own, under `accelerate
+    launch` with one process, as with num_processes > 1. The concurrent comparison sets
+    it: its branches are threads of one Python process, and accelerate keeps its device
+    and gradient-accumulation state per process, not per thread."""
     workers: int = Field(1, ge=1)
     """Parallel workers where a stage can use them."""
     progress: bool = True

@@ -45,9 +45,14 @@ def make_accelerator(runtime: RuntimeConfig, optim: OptimConfig, project_dir: st
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from longrecipe.models import pick_device
+    from longrecipe.models import cuda_index, pick_device
 
     device = pick_device(runtime.device)
+    if cuda_index(device) is not None:
+        import torch
+
+        # accelerate puts a one-process run on `cuda`, the current GPU: make it the one named
+        torch.cuda.set_device(cuda_index(device))
     asked = launcher_asks_for()
     kwargs: dict[str, Any] = {"cpu": device == "cpu"}
     if asked == "deepspeed" and device == "cpu":

@@ -13,7 +13,9 @@ key's lock and commits the artifact after every other process has marked its sha
 done (a file in the partial folder's scratch, named by the job id); the others work in
 the same partial folder and wait for the commit. Nothing here knows about training:
 a stage whose processes each compute a share of the parts uses the same three pieces
-(job file, dispatch entry, `produce`).
+(job file, dispatch entry, `produce`), with `assign_shares` (which parts are whose),
+`process_runtime` (each process's device) and `produce`'s `finish` (what process 0
+does once every share exists: analyze's corpus-wide steps, evaluate's summary).
 
 Job file (JSON, `format: longrecipe.job/1`): `id`, `stage`, `store` (root), `processes`,
 `config` (the stage config, every field), `runtime` (RuntimeConfig), `inputs` (name ->
@@ -45,6 +47,7 @@ from pydantic import BaseModel
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
 from longrecipe.config import ModelSpec, RuntimeConfig
 from longrecipe.errors import InputError
+from longrecipe.models import ModelSource
 
 JOB_FORMAT = "longrecipe.job/1"
 WAIT_S = 24 * 3600  # a launched process waits this long at most for the others
@@ -57,6 +60,10 @@ class LaunchError(RuntimeError):
 
 class LaunchConfigError(InputError):
     """A launch that cannot do what its config asks (bad accelerate file, unsupported setup)."""
+
+
+class LaunchedInputError(InputError):
+    """A launched process stopped on bad input; the message is that process's."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,17 @@ def launch(spec: StageSpec, config: BaseModel, inputs: dict[str, Any], store: Ar
     from longrecipe.models import pick_device
 
     device = pick_device(runtime.device)
+    gpu = pinned_gpu(device)
+    if gpu is not None:
+        if processes > 1:
+            raise LaunchConfigError(
+                f"{spec.stage}: the run's device {device} is one GPU, but the stage asks for "
+                f"{processes} processes; run it on device cuda (or auto) and name its GPUs in "
+                "the accelerate config (gpu_ids)"
+            )
+        # the child sees that one GPU only, as its `cuda`
+        runtime = runtime.model_copy(update={"device": "cuda"})
+        device = "cuda"
     kind = distributed_kind(accelerate_config)
     if kind == "fsdp" and device == "cpu":
         raise LaunchConfigError(
@@ -139,10 +157,28 @@ def launch(spec: StageSpec, config: BaseModel, inputs: dict[str, Any], store: Ar
         cmd = launch_command(job_file, processes=processes, accelerate_config=accelerate_config,
                              mixed_precision=mixed_precision, device=device)
         env = {**os.environ, "HF_HOME": os.environ.get("HF_HOME", str(Path(tmp) / "hf"))}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         proc = subprocess.run(cmd, env=env)
+        bad_input = sorted(Path(tmp).glob("input-error-*.txt"))
+        if proc.returncode != 0 and bad_input:
+            raise LaunchedInputError(bad_input[0].read_text())
     if proc.returncode != 0:
         raise LaunchError(f"{' '.join(cmd)} exited with {proc.returncode}")
     return store.require(spec.stage, spec.key)
+
+
+def pinned_gpu(device: str) -> str | None:
+    """For `cuda:N`, the CUDA_VISIBLE_DEVICES value that shows a child process that GPU
+    alone (the N-th of the parent's own CUDA_VISIBLE_DEVICES, when it has one); None for
+    any other device."""
+    from longrecipe.models import cuda_index
+
+    index = cuda_index(device)
+    if index is None:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if visible else str(index)
 
 
 def launch_command(job_file: Path, *, processes: int, accelerate_config: str | None,
@@ -167,9 +203,14 @@ def launch_command(job_file: Path, *, processes: int, accelerate_config: str | N
 def _encode_input(v: Any) -> dict:
     if isinstance(v, ArtifactRef):
         return {"artifact": [v.stage, v.key]}
-    spec = getattr(v, "spec", v)  # a resolved ModelSource carries its spec
-    if isinstance(spec, ModelSpec):
-        return {"model": spec.model_dump(mode="json")}
+    if isinstance(v, ModelSource):  # as resolved, identity included: a model artifact's
+        # identity is its key, not the content hash its folder would resolve to
+        return {"source": {"kind": v.kind, "path": None if v.path is None else str(v.path),
+                           "identity": v.identity, "spec": v.spec.model_dump(mode="json")}}
+    if isinstance(v, ModelSpec):
+        return {"model": v.model_dump(mode="json")}
+    if isinstance(v, str | Path):
+        return {"path": str(v)}
     raise TypeError(f"cannot pass {type(v).__name__} to a launched process")
 
 
@@ -189,6 +230,12 @@ def read_job(path: str | Path) -> Job:
 def _decode_input(store: ArtifactStore, v: dict) -> Any:
     if "artifact" in v:
         return store.require(*v["artifact"])
+    if "source" in v:
+        src = v["source"]
+        return ModelSource(src["kind"], None if src["path"] is None else Path(src["path"]),
+                           src["identity"], ModelSpec.model_validate(src["spec"]))
+    if "path" in v:
+        return Path(v["path"])
     return ModelSpec.model_validate(v["model"])
 
 
@@ -197,36 +244,80 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def produce(store: ArtifactStore, spec: StageSpec, body: Callable[[StageWriter], None],
-            job: Job | None = None) -> ArtifactRef:
+def produce(store: ArtifactStore, spec: StageSpec, body: Callable[[StageWriter], Any],
+            job: Job | None = None,
+            finish: Callable[[StageWriter, list[Any]], None] | None = None) -> ArtifactRef:
     """`store.produce` for a stage that may run in several processes.
 
     In process (job None) or in a one-process job it is store.produce. Otherwise process
     0 holds the lock, runs `body`, waits until every other process has marked its body
     done, and commits; the others run `body` on the same partial folder (writing only
-    their own share), mark it done and wait for the commit.
+    their own share), mark it done and wait for the commit. `finish(w, shares)`, when
+    given, runs once after every body, in process 0 only, before the commit: what needs
+    every share (a corpus-wide statistic, a summary). `shares` holds what each process's
+    body returned (JSON-able), in rank order.
     """
     rank, world = rank_and_world()
+
+    def whole(w: StageWriter) -> None:
+        share = body(w)
+        if finish is not None:
+            finish(w, [share])
+
     if job is None or world == 1:
-        return store.produce(spec, body)
+        return store.produce(spec, whole)
     partial = f"{store.dir(spec.stage, spec.key)}.partial"
     if rank == 0:
         def body_then_wait(w: StageWriter) -> None:
-            body(w)
+            share = body(w)
             marks = [_mark(w.scratch, job, r) for r in range(1, world)]
             _wait(lambda: all(m.exists() for m in marks),
                   f"process 0: processes 1..{world - 1} did not finish {spec.stage}/{spec.key}")
+            others = [json.loads(m.read_text() or "{}") for m in marks]
+            w.resumed_parts += sum(o.get("resumed_parts", 0) for o in others)
+            if finish is not None:
+                finish(w, [share, *(o.get("share") for o in others)])
 
         return store.produce(spec, body_then_wait)
     ref = store.get(spec.stage, spec.key)
     if ref is not None:
         return ref
     w = StageWriter(store, spec, partial)
-    body(w)
-    _mark(w.scratch, job, rank).touch()
+    share = body(w)
+    mark = _mark(w.scratch, job, rank)
+    tmp = mark.with_name(f"{mark.name}.tmp")
+    tmp.write_text(json.dumps({"share": share, "resumed_parts": w.resumed_parts}))
+    tmp.replace(mark)  # the mark exists only with its content
     _wait(lambda: store.get(spec.stage, spec.key) is not None,
           f"process {rank}: {spec.stage}/{spec.key} was not committed by process 0")
     return store.require(spec.stage, spec.key)
+
+
+def assign_shares(costs: list[float], world: int) -> list[int]:
+    """The process (rank) of each part: largest first to the least loaded process (ties:
+    the lower part index, the lower rank). The same costs give the same plan in every
+    process, with no message passed; parts a rerun finds finished are simply skipped
+    by their owner."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def process_runtime(runtime: RuntimeConfig) -> RuntimeConfig:
+    """The runtime of one process of a launched job: the device accelerate gives it (its
+    own GPU, cuda:LOCAL_RANK, under a multi-GPU launch; the CPU on a CPU run)."""
+    from accelerate import PartialState
+
+    from longrecipe.models import pick_device
+
+    device = pick_device(runtime.device)
+    state = PartialState(cpu=device == "cpu")
+    return runtime.model_copy(update={"device": "cpu" if state.device.type == "cpu"
+                                      else str(state.device)})
 
 
 def _mark(scratch: Path, job: Job, rank: int) -> Path:

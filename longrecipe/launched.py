@@ -5,6 +5,8 @@
 The job file (written by longrecipe.launch) names the stage; ENTRIES maps a stage name
 to the function that runs it from a job (`module:function`, taking a launch.Job and
 returning the artifact). A stage that runs in several processes adds itself here.
+A process that stops on bad input (InputError) leaves its message beside the job file,
+and the parent raises it again as bad input.
 The same command works by hand: `accelerate launch --config_file F -m
 longrecipe.launched --job JOB.json`.
 """
@@ -13,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
+from longrecipe.errors import InputError
 from longrecipe.launch import LaunchError, rank_and_world, read_job
 
 ENTRIES = {
     "train": "longrecipe.train:run_launched",
     "anneal": "longrecipe.anneal:run_launched",
+    "analyze": "longrecipe.analyze:run_launched",
+    "evaluate": "longrecipe.evaluate.stage:run_launched",
 }
 
 
@@ -36,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if job.stage not in ENTRIES:
         raise LaunchError(f"no launched entry for stage {job.stage!r} (known: {', '.join(ENTRIES)})")
     module, name = ENTRIES[job.stage].split(":")
-    getattr(importlib.import_module(module), name)(job)
+    try:
+        getattr(importlib.import_module(module), name)(job)
+    except InputError as e:
+        # the parent raises it again as bad input (exit 2), with this message
+        Path(args.job).with_name(f"input-error-{rank}.txt").write_text(str(e))
+        raise
     return 0
 
 

@@ -311,9 +311,11 @@ def make_schedule(opt, optim: OptimConfig):
 # --------------------------------------------------------------------------- processes
 
 
-def needs_launch(optim: OptimConfig) -> bool:
-    """More than one process, or an accelerate config file: run under `accelerate launch`."""
-    return (optim.num_processes or 1) > 1 or optim.accelerate_config is not None
+def needs_launch(optim: OptimConfig, runtime: RuntimeConfig | None = None) -> bool:
+    """More than one process, an accelerate config file, or a run that keeps each training
+    in its own process (runtime.isolated): run under `accelerate launch`."""
+    return ((optim.num_processes or 1) > 1 or optim.accelerate_config is not None
+            or (runtime is not None and runtime.isolated))
 
 
 def launch_training(spec, cfg, inputs: dict, store, runtime: RuntimeConfig) -> ArtifactRef:

@@ -9,9 +9,12 @@ is not GGUF fails in `resolve`, naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,13 +146,33 @@ def load_tokenizer(model: ModelSpec | ModelSource | ArtifactRef | str | Path):
 
 
 def pick_device(device: str = "auto") -> str:
+    """The device a run names, checked against what torch sees: `auto` is cuda when torch
+    sees a CUDA device, else cpu; `cuda:N` (one GPU of several) must be a visible GPU."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' asked for, but torch sees no CUDA device")
+    if is_cuda(device):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device")
+        index, count = cuda_index(device), torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ModelError(f"device {device!r}: torch sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device != "cpu":
+        raise ModelError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def is_cuda(device: str) -> bool:
+    """`cuda` or `cuda:N`."""
+    return device.split(":")[0] == "cuda"
+
+
+def cuda_index(device: str) -> int | None:
+    """N of `cuda:N`; None for `cuda` (the current GPU) and for other devices."""
+    head, _, index = device.partition(":")
+    return int(index) if head == "cuda" and index else None
 
 
 def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
@@ -161,10 +184,10 @@ def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
 
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
-    if requested == "flash_attention_2" and not (device == "cuda" and has_flash):
+        return "flash_attention_2" if is_cuda(device) and has_flash else "sdpa"
+    if requested == "flash_attention_2" and not (is_cuda(device) and has_flash):
         raise ModelError("attention 'flash_attention_2' needs CUDA and the flash-attn package")
-    if requested == "flex_attention" and device != "cuda":
+    if requested == "flex_attention" and not is_cuda(device):
         raise ModelError("attention 'flex_attention' trains on CUDA only (torch has no "
                          "flex_attention backward on CPU)")
     return requested
@@ -281,17 +304,20 @@ def load_model(
     return m.to(device).eval()
 
 
-class _seeded:
-    def __init__(self, seed: int):
-        self.seed = seed
+_SEED_LOCK = threading.Lock()
 
-    def __enter__(self):
-        import torch
 
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator for one initialisation, then put its state back. One
+    at a time: threads of a process (the concurrent comparison's branches) share that
+    generator, and two initialisations at once would draw from each other's stream."""
+    import torch
 
-    def __exit__(self, *exc):
-        import torch
-
-        torch.random.set_rng_state(self.state)
+    with _SEED_LOCK:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(state)

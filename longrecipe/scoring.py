@@ -17,7 +17,7 @@ import numpy as np
 
 from longrecipe.config import AnalyzeConfig, RopeConfig, RuntimeConfig
 from longrecipe.errors import InputError
-from longrecipe.models import ModelSource, load_model, load_tokenizer, pick_device
+from longrecipe.models import ModelSource, is_cuda, load_model, load_tokenizer, pick_device
 from longrecipe.selection import select_impactful
 
 
@@ -83,7 +83,7 @@ class Scorer:
         if self.runtime.threads:
             torch.set_num_threads(self.runtime.threads)
         self.device = pick_device(self.runtime.device)
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = torch.bfloat16 if is_cuda(self.device) else torch.float32
         self.base = load_model(self.src, dtype=dtype, device=self.device)
         if self.cfg.method == "logit_delta":
             if self.ref_src is not None:

@@ -70,7 +70,7 @@ def _run_train(cfg, samples, model, store, runtime, *, job: Job | None) -> Artif
     spec = train_spec(cfg, samples, src)
     target = target_window(cfg, samples)
     check_target(target, base_window(src))
-    if job is None and needs_launch(cfg.optim):
+    if job is None and needs_launch(cfg.optim, runtime):
         return launch_training(spec, cfg, {"samples": samples, "model": model}, store, runtime)
 
     def body(w: StageWriter) -> None:

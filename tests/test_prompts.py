@@ -8,6 +8,7 @@ import pytest
 from longrecipe import EvaluateConfig, ModelSpec, TinyModelConfig, run_evaluate
 from longrecipe.evaluate import ruler
 from longrecipe.evaluate import stage as stage_mod
+from longrecipe.evaluate import suites as suites_mod
 from longrecipe.evaluate.haystack import PromptFormat
 from longrecipe.evaluate.niah import TEMPLATE, niah_samples, noise_haystack
 from longrecipe.models import byte_tokenizer
@@ -93,8 +94,8 @@ def test_no_stop_words_by_default(store, monkeypatch):
         seen.append(stop_at_newline)
         return real(self, prompts, max_new, stop_at_newline)
 
-    real = stage_mod._Runner._generate
-    monkeypatch.setattr(stage_mod._Runner, "_generate", fake_generate)
+    real = suites_mod.SuiteRunner._generate
+    monkeypatch.setattr(suites_mod.SuiteRunner, "_generate", fake_generate)
     assert EvaluateConfig().stop_at_newline is False
     spec = ModelSpec(tiny=TinyModelConfig(max_position_embeddings=256))
     run_evaluate(EvaluateConfig(suites=["niah"], lengths=[512], depths=1, niah_max_new_tokens=4),
