@@ -19,16 +19,18 @@ import numpy as np
 import pyarrow as pa
 
 from longrecipe import ArtifactStore, BuildConfig, RuntimeConfig, StageSpec
-from longrecipe.build import (
-    _KEEP_STREAM,
-    _SAMPLE_STREAM,
+from longrecipe.build import run_build
+from longrecipe.document_stream import (
+    KEEP_STREAM,
+    SAMPLE_STREAM,
     DocIndex,
     Sentences,
-    build_samples,
-    run_build,
     select_sentences,
     take_runs,
 )
+from longrecipe.samples import build_samples
+
+EOS = 50_000  # above every synthetic token id
 
 
 def synthetic(n_docs: int, doc_len: int, seed: int = 0):
@@ -58,8 +60,9 @@ def prepare_ours(docs, sents):
         np.arange(len(docs), dtype=np.int64),
     )
     s = Sentences(*(np.concatenate(c) for c in zip(*sents, strict=True)))
-    flat = np.concatenate(docs)
-    base = np.concatenate([[0], np.cumsum([len(d) for d in docs])[:-1]])
+    # Each document followed by its EOS (index n_tokens of the document), as build packs them.
+    flat = np.concatenate([np.append(d, EOS).astype(np.int32) for d in docs])
+    base = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])[:-1]])
 
     def gather(doc, start, length):
         return take_runs(flat, base[doc] + start, length)
@@ -94,30 +97,41 @@ def baseline(cfg: BuildConfig, prepared, n_samples: int):
     docs, sents = prepared
     L, T = cfg.train_len, cfg.target_len
     n_sent = sum(len(x[0]) for x in sents)
-    u = np.random.default_rng([cfg.seed, _KEEP_STREAM]).random(n_sent).tolist()
+    u = np.random.default_rng([cfg.seed, KEEP_STREAM]).random(n_sent).tolist()
     out, ids, starts = [], [], []
+
+    def push(token, piece_start: bool) -> bool:
+        nonlocal ids, starts
+        if piece_start or not ids:
+            starts.append(len(ids))
+        ids.append(token)
+        if len(ids) == L:
+            out.append((ids, _baseline_positions(cfg, len(out), starts, L, T)))
+            ids, starts = [], []
+        return len(out) == n_samples
+
     i = 0
     for d, (s_start, s_end, imp) in enumerate(sents):
         tokens = docs[d]
+        kept_any = last_kept = False
         for a, b, flag in zip(s_start, s_end, imp, strict=True):
             keep = flag or u[i] < cfg.keep_ratio
             i += 1
+            last_kept = keep
             if not keep:
                 continue
+            kept_any = True
             for t in range(a, b):
-                if t == a or not ids:
-                    starts.append(len(ids))
-                ids.append(tokens[t])
-                if len(ids) == L:
-                    out.append((ids, _baseline_positions(cfg, len(out), starts, L, T)))
-                    ids, starts = [], []
-                    if len(out) == n_samples:
-                        return out
+                if push(tokens[t], t == a):
+                    return out
+        # the EOS: glued to the last sentence when it was kept, else a piece of its own
+        if kept_any and push(EOS, not last_kept):
+            return out
     return out
 
 
 def _baseline_positions(cfg, k, starts, L, T):
-    rng = np.random.default_rng([cfg.seed, _SAMPLE_STREAM, k])
+    rng = np.random.default_rng([cfg.seed, SAMPLE_STREAM, k])
     rt = int(rng.integers(1, (L + 1) // 2, endpoint=True))
     bounds = [s for s in starts if s >= rt and s > 0]
     m, total = len(bounds), T - L
@@ -153,9 +167,12 @@ def stage(cfg: BuildConfig, docs, sents) -> tuple[float, int]:
                 "input_ids": pa.array([d.tolist() for d in docs], pa.list_(pa.int32())),
             }
         )
-        documents = store.produce(
-            StageSpec("ingest", "bench", {}, {}), lambda w: w.write_table("documents", table)
-        )
+        def write(w):
+            w.write_table("documents", table)
+            w.info.update(special_tokens={"bos_token_id": None, "adds_bos": False,
+                                          "eos_token_id": EOS})
+
+        documents = store.produce(StageSpec("ingest", "bench", {}, {}), write)
         doc, start, end, imp = (np.concatenate(c) for c in zip(*sents, strict=True))
         st = pa.table(
             {"doc_id": [f"d{i}" for i in doc], "start": start, "end": end, "impactful": imp}

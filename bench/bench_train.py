@@ -38,16 +38,13 @@ from longrecipe import (
     StageSpec,
     TinyModelConfig,
 )
+from longrecipe.batches import SampleStream, collate
+from longrecipe.distributed import make_accelerator
+from longrecipe.head import forward_hidden, output_head
+from longrecipe.loop import fit, make_schedule
+from longrecipe.loss import chunked_nll_sum
 from longrecipe.models import load_model
 from longrecipe.rope import apply_rope
-from longrecipe.train import (
-    SampleStream,
-    causal_lm_forward,
-    collate,
-    fit,
-    make_accelerator,
-    make_schedule,
-)
 
 QUIET = RuntimeConfig(progress=False, device="cpu")  # main() sets the device from --device
 
@@ -94,7 +91,7 @@ def ours(store, spec, ref, optim, target) -> tuple[float, list[float]]:
 
     def body(w):
         t = time.perf_counter()
-        result = fit(model, ref, optim, w, QUIET, acc)
+        result = fit(model, ref, optim, w, QUIET, acc, attention=model.config._attn_implementation)
         out["s"] = time.perf_counter() - t
         elapsed = [0.0] + [r["elapsed_s"] for r in result.metrics]
         out["steps"] = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
@@ -112,10 +109,12 @@ class _Done(Exception):
 
 
 def bare(spec, ref, optim, target) -> tuple[float, list[float]]:
-    """The same steps as a plain PyTorch loop over pre-collated batches; total and per step."""
+    """The same steps as a plain PyTorch loop over pre-collated batches (the same forward
+    call and chunked loss); total and per step."""
     model = fresh_model(spec, target)
     model.train()
     model.config.use_cache = False
+    head = output_head(model)
     stream = SampleStream(ref, optim.seed)
     batches = [collate(stream.take(i * optim.batch_size, optim.batch_size), 0, QUIET.device)
                for i in range(optim.max_steps * optim.grad_accum)]
@@ -128,9 +127,10 @@ def bare(spec, ref, optim, target) -> tuple[float, list[float]]:
     for _ in range(optim.max_steps):
         started = time.perf_counter()
         for _ in range(optim.grad_accum):
-            ids, pos, mask, labels = next(it)
+            b = next(it)
             with torch.autocast(QUIET.device, dtype=torch.bfloat16, enabled=optim.precision == "bf16"):
-                loss = causal_lm_forward(model, ids, pos, mask, labels=labels).loss
+                hidden = forward_hidden(model, b.input_ids, b.position_ids, b.attention_mask)
+                loss = chunked_nll_sum(hidden, b.targets, head, optim.loss_chunk_tokens) / b.n_labels
             (loss / optim.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm or float("inf"))
         opt.step()

@@ -8,6 +8,7 @@ unfinished one from its last part or checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow
@@ -46,7 +47,7 @@ def pipeline(
         overrides: Fields to change, each `key.path=value`, e.g. ["train.optim.max_steps=8"].
         store: Artifact store root; empty: the worker's LONGRECIPE_STORE, else data/artifacts.
         until: Stop after this stage (ingest, analyze, build, train, anneal, merge, evaluate, report).
-        device: Where models run: auto (CUDA when there is one), cpu or cuda.
+        device: Where models run: auto (CUDA when there is one), cpu, cuda or cuda:N.
     """
     cfg = load_config(config, overrides or [])
     return run_stages(cfg, ArtifactStore(store).root, RuntimeConfig(device=device), until)
@@ -65,7 +66,7 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
 
     out["ingest"] = t["ingest"](cfg.ingest, cfg.model, **common, about=about())
     if last >= 1:
-        out["analyze"] = t["analyze"](cfg.analyze, out["ingest"], cfg.model, **common, about=about())
+        out.update(analysis_tasks(t, cfg, out["ingest"], common, about))
     if last >= 2:
         analysis = out["analyze"] if method == "longrecipe" else None
         out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common, about=about(method))
@@ -90,6 +91,22 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
         trainings = {"train": out["train"], "anneal": out["anneal"]}
         out["report"] = t["report"](cfg.report, [out["evaluate"]], trainings, store,
                                     title=f"{cfg.name} report", about=about())
+    return out
+
+
+def analysis_tasks(t: dict, cfg: PipelineConfig, documents: dict, common: dict,
+                   about: Callable[[str | None], dict]) -> dict[str, dict]:
+    """The analyze task, after H' is made (build and train tasks, cached like any stage)
+    when analyze.reference_training is set. `about(method)` names what each task made."""
+    out: dict[str, dict] = {}
+    rt = cfg.analyze.reference_training
+    if cfg.analyze.method == "logit_delta" and rt is not None:
+        out["reference_build"] = t["build"].with_options(task_run_name="build-reference")(
+            rt.build, documents, None, **common, about=about("reference"))
+        out["reference"] = t["train"].with_options(task_run_name="train-reference")(
+            rt.train, out["reference_build"], cfg.model, **common, about=about("reference"))
+    out["analyze"] = t["analyze"](cfg.analyze, documents, cfg.model, reference=out.get("reference"),
+                                  **common, about=about(None))
     return out
 
 

@@ -21,6 +21,7 @@ from longrecipe.config import (  # noqa: E402
     AnalyzeConfig,
     AnnealConfig,
     BuildConfig,
+    CompareConfig,
     ConfigError,
     EvaluateConfig,
     IngestConfig,
@@ -28,6 +29,7 @@ from longrecipe.config import (  # noqa: E402
     ModelSpec,
     OptimConfig,
     PipelineConfig,
+    PlanConfig,
     ReportConfig,
     RopeConfig,
     RuntimeConfig,
@@ -36,10 +38,13 @@ from longrecipe.config import (  # noqa: E402
     TrainConfig,
     load_config,
 )
+from longrecipe.devices import DeviceSlots, branch_devices  # noqa: E402
 from longrecipe.evaluate import EvaluateError, run_evaluate  # noqa: E402
 from longrecipe.ingest import IngestError, run_ingest  # noqa: E402
+from longrecipe.launch import LaunchConfigError, LaunchError  # noqa: E402
 from longrecipe.merge import MergeError, run_merge  # noqa: E402
-from longrecipe.models import ModelError, load_model, load_tokenizer, resolve  # noqa: E402
+from longrecipe.models import ModelError, load_model, load_tokenizer, pick_device, resolve  # noqa: E402
+from longrecipe.plan import plan_recipe  # noqa: E402
 from longrecipe.positions import InvariantError  # noqa: E402
 from longrecipe.rope import RopeError, apply_rope  # noqa: E402
 from longrecipe.train import TrainError, run_train  # noqa: E402
@@ -53,18 +58,23 @@ __all__ = [
     "ArtifactStore",
     "BuildConfig",
     "BuildError",
+    "CompareConfig",
     "ConfigError",
+    "DeviceSlots",
     "EvaluateConfig",
     "EvaluateError",
     "IngestConfig",
     "IngestError",
     "InvariantError",
+    "LaunchConfigError",
+    "LaunchError",
     "MergeConfig",
     "MergeError",
     "ModelError",
     "ModelSpec",
     "OptimConfig",
     "PipelineConfig",
+    "PlanConfig",
     "ReportConfig",
     "RopeConfig",
     "RopeError",
@@ -77,10 +87,13 @@ __all__ = [
     "TrainError",
     "__version__",
     "apply_rope",
+    "branch_devices",
     "check_samples",
     "load_config",
     "load_model",
     "load_tokenizer",
+    "pick_device",
+    "plan_recipe",
     "resolve",
     "run_analyze",
     "replay_build_config",

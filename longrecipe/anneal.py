@@ -12,16 +12,27 @@ from __future__ import annotations
 import pyarrow.compute as pc
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
-from longrecipe.config import AnnealConfig, BuildConfig, PipelineConfig, RuntimeConfig
+from longrecipe.batches import TrainError
+from longrecipe.config import (
+    AnnealConfig,
+    BuildConfig,
+    PipelineConfig,
+    RuntimeConfig,
+    config_digest,
+)
+from longrecipe.launch import Job, produce
+from longrecipe.loop import launch_training, needs_launch, train_model
+from longrecipe.model_io import check_weights
 from longrecipe.models import resolve
-from longrecipe.train import TrainError, check_weights, launch, needs_launch, produce, train_model
 
 STAGE = "anneal"
-STAGE_VERSION = "anneal_v1"
+# v2: the global batch is batch_size x grad_accum whatever the number of processes
+STAGE_VERSION = "anneal_v2"
 
 
 def anneal_spec(cfg: AnnealConfig, model: ArtifactRef, replay_samples: ArtifactRef) -> StageSpec:
-    return StageSpec(STAGE, STAGE_VERSION, cfg, {"model": model.key, "replay": replay_samples.key})
+    return StageSpec(STAGE, STAGE_VERSION, config_digest(cfg),
+                     {"model": model.key, "replay": replay_samples.key})
 
 
 def run_anneal(
@@ -32,26 +43,33 @@ def run_anneal(
     runtime: RuntimeConfig = RuntimeConfig(),
 ) -> ArtifactRef:
     """Continue training the trained model on replay samples, learning rate to zero."""
-    return _run_anneal(cfg, model, replay_samples, store, runtime, launched=False)
+    return _run_anneal(cfg, model, replay_samples, store, runtime, job=None)
 
 
-def _run_anneal(cfg, model, replay_samples, store, runtime, *, launched: bool) -> ArtifactRef:
+def run_launched(job: Job) -> ArtifactRef:
+    """One process of a launched anneal run (longrecipe.launched's entry)."""
+    cfg = AnnealConfig.model_validate(job.config)
+    return _run_anneal(cfg, job.inputs["model"], job.inputs["replay_samples"], job.store,
+                       job.runtime, job=job)
+
+
+def _run_anneal(cfg, model, replay_samples, store, runtime, *, job: Job | None) -> ArtifactRef:
     src = resolve(model)
     check_weights(src)
     check_replay(replay_samples)
     spec = anneal_spec(cfg, model, replay_samples)
-    if not launched and needs_launch(cfg.optim):
+    if job is None and needs_launch(cfg.optim, runtime):
         inputs = {"model": model, "replay_samples": replay_samples}
-        return launch(STAGE, cfg, inputs, spec, store, runtime)
+        return launch_training(spec, cfg, inputs, store, runtime)
 
     def body(w: StageWriter) -> None:
         train_model(
             src, replay_samples, cfg.optim, w, runtime,
             rope=None, target=None, save_dtype=cfg.save_dtype, label=STAGE,
-            launched=launched,
+            launched=job is not None,
         )
 
-    return produce(store, spec, body)
+    return produce(store, spec, body, job)
 
 
 def check_replay(samples: ArtifactRef) -> None:
@@ -71,7 +89,7 @@ def check_replay(samples: ArtifactRef) -> None:
 def replay_build_config(cfg: PipelineConfig) -> BuildConfig:
     """Replay samples: contiguous `full` windows at the annealing length."""
     a = cfg.anneal
-    n = a.num_samples or a.optim.max_steps * a.optim.batch_size * a.optim.grad_accum
+    n = a.num_samples or a.optim.max_steps * a.optim.global_batch
     return BuildConfig(
         method="full", train_len=a.train_len, target_len=a.train_len, seed=cfg.build.seed,
         num_samples=n, split="train",

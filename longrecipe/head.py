@@ -101,6 +101,14 @@ def forward_hidden(model, input_ids, position_ids, attention_mask, decoder=None,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
             **kwargs,
         )
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        raise ModelError(
+            f"{type(model).__name__}: its forward takes no `logits_to_keep`, so it cannot be "
+            "run without computing every logit; this architecture is not supported for "
+            "chunked scoring"
+        ) from None
     finally:
         hook.remove()
     if len(seen) != 1:

@@ -3,6 +3,11 @@
 Table `documents`: doc_id, source, split, text, n_tokens, input_ids (int32
 list), sentence_ends (int32 list: exclusive end index of each sentence in
 input_ids; the last one is always n_tokens).
+
+Texts are encoded by `longrecipe.tokens.encode`, the one BOS policy of the
+pipeline: a leading BOS where the tokenizer adds one by default (Llama-3,
+Mistral, Gemma), none where it does not (Qwen, SmolLM2). The manifest records
+the policy and the EOS id that build puts between documents.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import pyarrow.parquet as pq
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
 from longrecipe.config import IngestConfig, ModelSpec, RuntimeConfig, SourceSpec
+from longrecipe.digest import folder_files, tree_digest
 from longrecipe.errors import InputError
 from longrecipe.models import ModelSource, load_tokenizer, resolve
 from longrecipe.progress import progress_bar
+from longrecipe.tokens import encode, token_policy
 
 STAGE = "ingest"
-STAGE_VERSION = "ingest_v1"
+STAGE_VERSION = "ingest_v2"  # v2: BOS as the tokenizer adds it (longrecipe.tokens)
 
 DOCUMENTS_SCHEMA = pa.schema(
     [
@@ -48,7 +55,31 @@ class IngestError(InputError):
 
 
 def ingest_spec(cfg: IngestConfig, tokenizer: ModelSource) -> StageSpec:
-    return StageSpec(STAGE, STAGE_VERSION, cfg, {"tokenizer": tokenizer.key})
+    """The key holds the content of every corpus file (not only its path): edit a file
+    and ingest, and everything after it, reruns."""
+    return StageSpec(STAGE, STAGE_VERSION, cfg,
+                     {"tokenizer": tokenizer.key, "corpus": corpus_identity(cfg.sources)})
+
+
+def corpus_identity(sources: list[SourceSpec]) -> str:
+    """16 hex digits over every file the sources read, by name and content (each file is
+    hashed once per path, size and mtime: unchanged files are not re-read)."""
+    files = []
+    for i, s in enumerate(sources):
+        files += [(f"{i}:{name}", path) for name, path in source_files(s)]
+    return tree_digest(files)
+
+
+def source_files(s: SourceSpec) -> list[tuple[str, Path]]:
+    """(name, path) of the files one source reads, in reading order."""
+    path = Path(s.path)
+    if not path.exists():
+        raise IngestError(f"ingest source {path}: no such file or folder")
+    if path.is_file():
+        return [(path.name, path)]
+    if (s.format if s.format != "auto" else _detect(path)) == "datasets":
+        return folder_files(path)
+    return [(f.relative_to(path).as_posix(), f) for f in sorted(path.glob(s.glob)) if f.is_file()]
 
 
 def run_ingest(
@@ -67,6 +98,7 @@ def run_ingest(
 
     def body(w: StageWriter) -> None:
         tok = load_tokenizer(src)
+        policy = token_policy(tok)
         ends_table = sentence_end_table(tok)
         seen: set[str] = set()
         shard, part, n_docs, n_tokens, dropped = [], 0, 0, 0, {"short": 0, "duplicate": 0}
@@ -77,7 +109,7 @@ def run_ingest(
                     dropped["duplicate"] += 1
                     continue
                 seen.add(digest)
-                ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+                ids = np.asarray(encode(tok, text), dtype=np.int32)
                 ends = sentence_ends(ids, ends_table)
                 if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
                     ids, ends, text = _truncate(tok, ids, ends, cfg.max_tokens)
@@ -101,9 +133,13 @@ def run_ingest(
                 "ingest produced no documents: every text was empty, shorter than "
                 f"min_tokens={cfg.min_tokens} or a duplicate"
             )
-        w.info.update(documents=n_docs, tokens=n_tokens, dropped=dropped)
+        if corpus_identity(cfg.sources) != spec.inputs["corpus"]:
+            raise IngestError("ingest sources changed while they were read: run again")
+        w.info.update(documents=n_docs, tokens=n_tokens, dropped=dropped,
+                      special_tokens=policy.as_info())
 
-    return store.produce(ingest_spec(cfg, src), body)
+    spec = ingest_spec(cfg, src)
+    return store.produce(spec, body)
 
 
 def sentence_end_table(tok) -> np.ndarray:
@@ -134,7 +170,7 @@ def _truncate(tok, ids: np.ndarray, ends: np.ndarray, limit: int):
     ids = ids[:n]
     ends = ends[ends < n]
     ends = np.append(ends, n).astype(np.int32)
-    return ids, ends, tok.decode(ids.tolist())
+    return ids, ends, tok.decode(ids.tolist(), skip_special_tokens=True)
 
 
 def _unit(digest: str) -> float:
@@ -172,14 +208,18 @@ def _read_source(s: SourceSpec) -> Iterator[tuple[str, str]]:
     if fmt == "jsonl":
         yield from _read_jsonl(path, s.text_field)
     elif fmt == "parquet":
-        yield from _read_columnar(path, s.text_field, pq.read_table(path, columns=None))
+        try:
+            table = pq.read_table(path, columns=None)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IngestError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        yield from _read_columnar(path, s.text_field, table)
     elif fmt == "datasets":
         yield from _read_datasets(path, s.text_field)
     elif path.is_dir():
-        files = sorted(p for p in path.glob(s.glob) if p.is_file())
+        files = source_files(s)
         if not files:
             raise IngestError(f"ingest source {path}: no files match {s.glob!r}")
-        for f in files:
+        for _, f in files:
             yield str(f), _read_text(f)
     else:
         yield str(path), _read_text(path)
@@ -199,14 +239,20 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IngestError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                  f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise IngestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise IngestError(f"{path}:{lineno}: not valid JSON at column {e.colno}: "
+                                  f"{e.msg.removesuffix(' at')}") from None
             if not isinstance(obj, dict) or field not in obj:
                 raise IngestError(f"{path}:{lineno}: no field {field!r}")
             if not isinstance(obj[field], str):
@@ -229,9 +275,16 @@ def _read_datasets(path: Path, field: str) -> Iterator[tuple[str, str]]:
     if not files:
         raise IngestError(f"{path}: no .arrow files (not a saved `datasets` folder)")
     for f in files:
-        with pa.memory_map(str(f)) as src:
-            try:
-                table = ipc.open_stream(src).read_all()
-            except pa.ArrowInvalid:
-                table = ipc.open_file(src).read_all()
+        try:
+            with pa.memory_map(str(f)) as src:
+                try:
+                    table = ipc.open_stream(src).read_all()
+                except pa.ArrowInvalid:
+                    table = ipc.open_file(src).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IngestError(f"{f}: not a readable Arrow file ({_first_line(e)})") from None
         yield from _read_columnar(f, field, table)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -64,7 +64,7 @@ def run_merge(
     runtime: RuntimeConfig = RuntimeConfig(),
 ) -> ArtifactRef:
     """Average the original and the annealed model into a new model folder."""
-    from longrecipe.train import check_weights, quiet_transformers
+    from longrecipe.model_io import check_weights, quiet_transformers
 
     src = original if isinstance(original, ModelSource) else resolve(original)
     ann = resolve(annealed)

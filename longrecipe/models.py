@@ -2,20 +2,26 @@
 
 Nothing here touches a hub: sources are local paths, and HF_HUB_OFFLINE is set
 before transformers is imported. A model's identity (for keys) is a hash of
-its files' content, or of the tiny preset's config.
+its files' content (longrecipe.digest: each file is read once per path, size and
+mtime), or of the tiny preset's config. A broken config.json or a .gguf file that
+is not GGUF fails in `resolve`, naming the file.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
+import json
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longrecipe.artifacts import ArtifactRef, canonical_json
 from longrecipe.config import ModelSpec, TinyModelConfig
+from longrecipe.digest import folder_files, tree_digest
 from longrecipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -63,30 +69,43 @@ def resolve(model: ModelSpec | ArtifactRef | str | Path) -> ModelSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"model source {spec.source!r}: a file must be a .gguf")
-        return ModelSource("gguf", path.resolve(), _content_hash(path.resolve()), spec)
+        _check_gguf(path)
+        return ModelSource("gguf", path.resolve(), tree_digest([(path.name, path)]), spec)
     if not (path / "config.json").exists():
         raise ModelError(f"model source {spec.source!r}: folder has no config.json")
-    return ModelSource("folder", path.resolve(), _content_hash(path.resolve()), spec)
+    _check_config(path / "config.json")
+    return ModelSource("folder", path.resolve(), tree_digest(folder_files(path.resolve())), spec)
 
 
-@functools.lru_cache(maxsize=32)
-def _content_hash(path: Path) -> str:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+def _check_gguf(path: Path) -> None:
+    """A .gguf file starts with the magic bytes `GGUF`; anything else fails here, by name."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object naming a model type (transformers needs it)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: must hold a JSON object, not {type(cfg).__name__}")
+    if "model_type" not in cfg:
+        raise ModelError(f"{path}: no field 'model_type' (transformers needs it to pick the model)")
 
 
 # --------------------------------------------------------------------------- tokenizers
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built in-process (256 bytes + eos/pad/bos): no files, no hub."""
-    from tokenizers import Tokenizer, decoders, models
+def byte_tokenizer(add_bos: bool = False):
+    """A byte-level tokenizer built in-process (256 bytes + eos/pad/bos): no files, no hub.
+    With add_bos it prepends BOS to every encoded text, as Llama-style tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, processors
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -94,14 +113,20 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS)
+    if add_bos:
+        bos = out.convert_tokens_to_ids(BOS)
+        out.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+        )
+    return out
 
 
 def load_tokenizer(model: ModelSpec | ModelSource | ArtifactRef | str | Path):
     """The tokenizer of a model source. Padding side is left (generation batches)."""
     src = model if isinstance(model, ModelSource) else resolve(model)
     if src.kind == "tiny":
-        tok = byte_tokenizer()
+        tok = byte_tokenizer(src.spec.tiny.add_bos)
     else:
         from transformers import AutoTokenizer
 
@@ -121,31 +146,58 @@ def load_tokenizer(model: ModelSpec | ModelSource | ArtifactRef | str | Path):
 
 
 def pick_device(device: str = "auto") -> str:
+    """The device a run names, checked against what torch sees: `auto` is cuda when torch
+    sees a CUDA device, else cpu; `cuda:N` (one GPU of several) must be a visible GPU."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' asked for, but torch sees no CUDA device")
+    if is_cuda(device):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device")
+        index, count = cuda_index(device), torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ModelError(f"device {device!r}: torch sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device != "cpu":
+        raise ModelError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
+def is_cuda(device: str) -> bool:
+    """`cuda` or `cuda:N`."""
+    return device.split(":")[0] == "cuda"
+
+
+def cuda_index(device: str) -> int | None:
+    """N of `cuda:N`; None for `cuda` (the current GPU) and for other devices."""
+    head, _, index = device.partition(":")
+    return int(index) if head == "cuda" and index else None
+
+
 def pick_attention(requested: str = "auto", device: str = "cpu") -> str:
-    """flash_attention_2 when CUDA and flash-attn are there, else sdpa."""
+    """The attention backend for a model that runs on `device`: `auto` is
+    flash_attention_2 on CUDA with flash-attn installed, else sdpa. Call it once, with the
+    device the model will run on, and hand the result to `load_model` (which never checks
+    it against the device it loads on: training loads on the CPU, then moves)."""
     import importlib.util
 
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
-    if requested == "flash_attention_2" and not (device == "cuda" and has_flash):
+        return "flash_attention_2" if is_cuda(device) and has_flash else "sdpa"
+    if requested == "flash_attention_2" and not (is_cuda(device) and has_flash):
         raise ModelError("attention 'flash_attention_2' needs CUDA and the flash-attn package")
+    if requested == "flex_attention" and not is_cuda(device):
+        raise ModelError("attention 'flex_attention' trains on CUDA only (torch has no "
+                         "flex_attention backward on CPU)")
     return requested
 
 
 def tiny_config(cfg: TinyModelConfig, vocab_size: int):
-    from transformers import LlamaConfig
+    """The transformers config of the tiny preset for its family (same shape for all)."""
+    import transformers
 
-    return LlamaConfig(
+    shape = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -153,12 +205,53 @@ def tiny_config(cfg: TinyModelConfig, vocab_size: int):
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True,
-        bos_token_id=257 if vocab_size > 257 else None,
-        eos_token_id=256,
+        # the byte tokenizer's special ids (bos 256, eos 257, pad 258)
+        bos_token_id=256,
+        eos_token_id=257 if vocab_size > 257 else None,
         pad_token_id=258 if vocab_size > 258 else None,
     )
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # Each family with the traits its released checkpoints have (see TinyModelConfig.family).
+    family = {
+        "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+        "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+        "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+        "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=head_dim,
+                                      use_sliding_window=False)),
+        "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
+        "gemma2": ("Gemma2Config", dict(tie_word_embeddings=True, head_dim=head_dim,
+                                        query_pre_attn_scalar=head_dim,
+                                        final_logit_softcapping=30.0,
+                                        attn_logit_softcapping=50.0,
+                                        sliding_window=cfg.max_position_embeddings // 2)),
+    }
+    name, extra = family[cfg.family]
+    if cfg.family == "phi3":
+        rope["partial_rotary_factor"] = 0.5
+    return getattr(transformers, name)(rope_parameters=rope, **shape, **extra)
+
+
+def supported_attention(model_class, attention: str) -> str:
+    """`attention` if the model class implements it; sdpa falls back to eager for a class
+    without an sdpa path (Gemma-2: its soft-capping is not in sdpa). Any other
+    unsupported choice is an error naming the class."""
+    flags = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    flag = flags.get(attention)
+    if flag is None or getattr(model_class, flag, True):
+        return attention
+    if attention == "sdpa":
+        return "eager"
+    raise ModelError(f"{model_class.__name__} does not support attention {attention!r}")
+
+
+def _model_class(config, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None  # remote code or an unknown config: transformers decides
 
 
 def load_model(
@@ -169,19 +262,22 @@ def load_model(
     attention: str = "auto",
 ):
     """Load a causal LM in eval mode. GGUF weights are dequantised and the quantizer
-    detached so the model can be trained and saved like any other."""
+    detached so the model can be trained and saved like any other. `attention`: `auto`
+    (resolved for `device`) or a backend name used as given (see `pick_attention`)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     src = model if isinstance(model, ModelSource) else resolve(model)
     dtype = dtype or torch.float32
-    attn = pick_attention(attention, device)
+    # only `auto` is resolved here; a named backend was resolved by the caller for the
+    # device the model runs on, which need not be the one it loads on
+    attn = pick_attention(attention, device) if attention == "auto" else attention
     if src.kind == "tiny":
         vocab = len(byte_tokenizer())
         config = tiny_config(src.spec.tiny, vocab_size=vocab)
-        config._attn_implementation = attn
+        attn = supported_attention(_model_class(config, False), attn)
         with _seeded(src.spec.tiny.seed):
-            m = LlamaForCausalLM(config)
+            m = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
         m = m.to(dtype)
     elif src.kind == "gguf":
         m = AutoModelForCausalLM.from_pretrained(
@@ -192,6 +288,13 @@ def load_model(
             del m.config.quantization_config
         m.is_quantized = False
     else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(src.path),
+                                            trust_remote_code=src.spec.trust_remote_code)
+        cls = _model_class(config, src.spec.trust_remote_code)
+        if cls is not None:
+            attn = supported_attention(cls, attn)
         m = AutoModelForCausalLM.from_pretrained(
             str(src.path),
             dtype=dtype,
@@ -201,17 +304,20 @@ def load_model(
     return m.to(device).eval()
 
 
-class _seeded:
-    def __init__(self, seed: int):
-        self.seed = seed
+_SEED_LOCK = threading.Lock()
 
-    def __enter__(self):
-        import torch
 
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator for one initialisation, then put its state back. One
+    at a time: threads of a process (the concurrent comparison's branches) share that
+    generator, and two initialisations at once would draw from each other's stream."""
+    import torch
 
-    def __exit__(self, *exc):
-        import torch
-
-        torch.random.set_rng_state(self.state)
+    with _SEED_LOCK:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(state)

@@ -2,88 +2,176 @@
 
 Each table view unions that table over every finished artifact (every
 version), with `stage` and `key` columns in front. The `artifacts` view has
-one row per manifest. Only reading statements are accepted, so a query can
-never write into the store.
+one row per manifest. Two layers keep a query from writing or reading where
+it should not:
+
+- a statement allow-list: only reads run (SELECT, and DESCRIBE / SHOW /
+  SUMMARIZE, which DuckDB parses as SELECT; EXPLAIN of such a statement).
+  Anything else is refused before it runs: COPY, EXPORT/IMPORT DATABASE,
+  ATTACH, CREATE, SET, PRAGMA (PRAGMA import_database runs a folder's
+  schema.sql), CALL, LOAD, INSTALL, and EXPLAIN ANALYZE of any of them (it
+  executes the statement);
+- DuckDB's own sandbox: external access off, files readable only under the
+  store root (resolved: a symlinked root or a link out of the store gives no
+  way out), extensions neither installed nor loaded, spills in a private temp
+  folder, and the configuration locked so no statement can undo it.
+
+When the views are made, the table files of every artifact are checked like
+a cache hit (manifest, sizes, mtimes; a file whose mtime differs is hashed):
+an artifact that does not match is left out of the views, and a query that
+names one of its tables is refused with the artifact's name. `artifacts
+verify` is the deep check (it rereads every byte).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from longrecipe.artifacts import ArtifactRef, ArtifactStore
+from longrecipe.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from longrecipe.errors import InputError
 
-# Statement types that only read. Everything else (COPY, EXPORT, ATTACH, CREATE,
-# INSERT, SET, LOAD, INSTALL, ...) is refused before it runs.
-_READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA"}
+# Statement types that only read; EXPLAIN is accepted when what it explains is one of them.
+_READ_ONLY = {"SELECT"}
 
 
 class QueryError(InputError):
     """A statement that is refused or fails."""
 
 
+class StaleArtifact(ArtifactError):
+    """An artifact behind a view whose files no longer match its manifest."""
+
+
 def connect(store: ArtifactStore) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the store's views."""
+    """An in-memory connection with the store's views, sandboxed to reading the store.
+    Artifacts whose files no longer match their manifest are left out of the views."""
+    return _connect(store)[0]
+
+
+def _connect(store: ArtifactStore) -> tuple[duckdb.DuckDBPyConnection, str, dict[str, list[str]]]:
+    """The connection, its spill folder, and per table the artifacts left out (why)."""
     con = duckdb.connect(":memory:")
-    if not store.is_local:
-        con.register_filesystem(store.fs)
-    refs = list(store.iter_refs())
-    _artifacts_view(con, refs)
-    by_table: dict[str, list[ArtifactRef]] = {}
-    for ref in refs:
-        for table in ref.tables():
-            by_table.setdefault(table, []).append(ref)
-    for table, trefs in sorted(by_table.items()):
-        selects = []
-        for ref in trefs:
-            files = ", ".join(_sql_str(f) for f in ref.files(table))
-            selects.append(
-                f"SELECT {_sql_str(ref.stage)} AS stage, {_sql_str(ref.key)} AS key, * "
-                f"FROM read_parquet([{files}])"
-            )
-        con.execute(f'CREATE VIEW "{table}" AS ' + " UNION ALL BY NAME ".join(selects))
-    # Nothing below may change settings (e.g. re-enable writes): lock them.
-    con.execute("SET lock_configuration = true")
-    return con
+    root = os.path.realpath(store.root) if store.is_local else store.root
+    spill = tempfile.mkdtemp(prefix="longrecipe-query-")
+    try:
+        if not store.is_local:
+            con.register_filesystem(store.fs)
+        con.execute(f"SET temp_directory = {_sql_str(spill)}")
+        con.execute(f"SET allowed_directories = [{_sql_str(root.rstrip('/') + '/')}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        refs = list(store.iter_refs())
+        _artifacts_view(con, refs)
+        by_table: dict[str, list[ArtifactRef]] = {}
+        stale: dict[str, list[str]] = {}
+        for ref in refs:
+            for table in ref.tables():
+                if problems := store.check(ref, table):
+                    stale.setdefault(table, []).append(
+                        f"artifact {ref.stage}/{ref.key} ({ref.uri}): {'; '.join(problems)}")
+                else:
+                    by_table.setdefault(table, []).append(ref)
+        for table, trefs in sorted(by_table.items()):
+            selects = []
+            for ref in trefs:
+                files = ", ".join(_sql_str(_real(f, store)) for f in ref.files(table))
+                selects.append(
+                    f"SELECT {_sql_str(ref.stage)} AS stage, {_sql_str(ref.key)} AS key, * "
+                    f"FROM read_parquet([{files}])"
+                )
+            con.execute(f'CREATE VIEW "{table}" AS ' + " UNION ALL BY NAME ".join(selects))
+        # Nothing below may change settings (e.g. re-enable external access): lock them.
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
+    return con, spill, stale
 
 
 def run_query(store: ArtifactStore, sql: str) -> pa.Table:
     """Run one or more reading statements; the result of the last one as an Arrow table."""
-    con = connect(store)
+    con, spill, stale = _connect(store)
+    try:
+        statements = _reading_statements(con, sql)
+        _refuse_stale(stale, sql)
+        result = None
+        try:
+            for st in statements:
+                rel = con.sql(st.query)
+                result = rel.to_arrow_table() if rel is not None else pa.table({})
+        except duckdb.Error as e:
+            raise QueryError(str(e).splitlines()[0]) from None
+        return result
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _reading_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    """The statements of `sql`, each checked to be a read; the first that is not is refused."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(f"cannot parse the query: {e}") from None
+        raise QueryError(f"cannot parse the query: {str(e).splitlines()[0]}") from None
     if not statements:
         raise QueryError("empty query")
     for st in statements:
-        kind = st.type.name
+        kind = _kind(con, st)
         if kind not in _READ_ONLY:
             raise QueryError(
                 f"refused: {kind} statements are not allowed; `longrecipe query` only reads "
                 "(write results elsewhere with --out FILE)"
             )
-    result = None
+    return statements
+
+
+def _kind(con: duckdb.DuckDBPyConnection, st) -> str:
+    """A statement's type; for EXPLAIN [ANALYZE], the type of what it explains (EXPLAIN
+    ANALYZE executes its statement, so `EXPLAIN ANALYZE COPY ...` is a COPY)."""
+    kind = st.type.name
+    if kind != "EXPLAIN":
+        return kind
+    inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", st.query, count=1, flags=re.IGNORECASE)
     try:
-        for st in statements:
-            rel = con.sql(st.query)
-            result = rel.to_arrow_table() if rel is not None else pa.table({})
-    except duckdb.Error as e:
-        raise QueryError(str(e).splitlines()[0]) from None
-    finally:
-        con.close()
-    return result
+        inner_st = con.extract_statements(inner)
+    except duckdb.Error:
+        return "EXPLAIN (of a statement that is not a plain read)"
+    if len(inner_st) != 1 or inner_st[0].type.name not in _READ_ONLY:
+        return "EXPLAIN " + (inner_st[0].type.name if len(inner_st) == 1 else "(several statements)")
+    return inner_st[0].type.name
+
+
+def _refuse_stale(stale: dict[str, list[str]], sql: str) -> None:
+    """Refuse a query that reads a table of an artifact whose files no longer match its
+    manifest. A table counts as read when the query names it (a column of the same name
+    also counts: the check only errs on the side of refusing)."""
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    for table, why in sorted(stale.items()):
+        if table.lower() in words:
+            raise StaleArtifact(
+                f"table {table}: {why[0]} no longer matches its manifest"
+                + (f" (and {len(why) - 1} more)" if len(why) > 1 else "")
+                + ". Refused to read it; `longrecipe artifacts verify` checks every artifact, "
+                "and the next `longrecipe run` recomputes this one"
+            )
 
 
 def write_result(table: pa.Table, fmt: str, out: str | None, store: ArtifactStore) -> str | None:
     """Render a result as table/csv/json/parquet to a file or return text for stdout."""
     if out is not None and store.is_local:
-        target = Path(out).resolve()
-        if target == Path(store.root) or Path(store.root) in target.parents:
+        target = Path(os.path.realpath(out))
+        root = Path(os.path.realpath(store.root))
+        if target == root or root in target.parents:
             raise QueryError(f"refused: --out {out} is inside the store {store.root}")
     if fmt == "parquet":
         if out is None:
@@ -104,6 +192,10 @@ def write_result(table: pa.Table, fmt: str, out: str | None, store: ArtifactStor
         return text
     Path(out).write_text(text)
     return None
+
+
+def _real(path: str, store: ArtifactStore) -> str:
+    return os.path.realpath(path) if store.is_local else path
 
 
 def _artifacts_view(con: duckdb.DuckDBPyConnection, refs: list[ArtifactRef]) -> None:

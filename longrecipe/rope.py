@@ -5,7 +5,10 @@ transformers 5.x reads RoPE from `config.rope_parameters` (a dict that must hold
 is built. Changing the dict on a loaded model therefore does nothing until the
 rotary modules are rebuilt from the config; this module does both, and sets
 `max_position_embeddings` to the target window so the saved config.json
-describes the extended model.
+describes the extended model. The model's dict is updated in place of being
+rebuilt: keys a RopeConfig does not set (Phi-3's partial_rotary_factor, an
+existing llama3 or yarn scaling) are kept, and dropping a scaling needs
+`replace_scaling: true`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,25 @@ class RopeError(InputError):
     """A RoPE change that cannot be applied; the message names the field."""
 
 
+# Keys that belong to a scaling rule; replacing the rule (replace_scaling) drops them.
+# Every other key of rope_parameters (partial_rotary_factor, mrope_section, ...) is kept.
+SCALING_KEYS = frozenset({
+    "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+    "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "short_factor",
+    "long_factor", "truncate",
+})
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's
+
+
 def rope_parameters(rope: RopeConfig | None, config: Any, target: int) -> dict[str, Any]:
     """The `rope_parameters` dict for `config` (a transformers config) after `rope`.
 
-    `target` is the new max_position_embeddings. Factors left unset are derived as
-    target / original window, the usual choice for linear, yarn and llama3.
+    The model's own dict is updated, never rebuilt: every key `rope` does not set is
+    kept (a Phi-3 model keeps its partial_rotary_factor, a Llama-3.1 model asked for a
+    new theta under `type: llama3` keeps its factor and frequency bands). A change of
+    type that would drop a scaling the model already has is refused unless
+    `rope.replace_scaling` is set. `target` is the new max_position_embeddings; a factor
+    that is neither set nor already the model's is derived as target / original window.
     """
     current = dict(getattr(config, "rope_parameters", None) or {})
     if "rope_theta" not in current:
@@ -41,22 +58,43 @@ def rope_parameters(rope: RopeConfig | None, config: Any, target: int) -> dict[s
         )
     if rope is None:
         return current
-    theta = float(rope.theta) if rope.theta is not None else float(current["rope_theta"])
+    old_type = current.get("rope_type", "default")
+    params = dict(current)
+    if rope.type != old_type:
+        if old_type != "default" and not rope.replace_scaling:
+            kept = {k: v for k, v in current.items() if k in SCALING_KEYS}
+            raise RopeError(
+                f"rope.type {rope.type!r} would drop the model's {old_type!r} RoPE scaling "
+                f"({kept}): set rope.type: {old_type} to change its settings (theta, factor), "
+                "or rope.replace_scaling: true to replace it"
+            )
+        params = {k: v for k, v in current.items() if k not in SCALING_KEYS}
+    params["rope_type"] = rope.type
+    if rope.theta is not None:
+        params["rope_theta"] = float(rope.theta)
     if rope.type == "default":
-        return {"rope_type": "default", "rope_theta": theta}
+        return params
     original = rope.original_max_position_embeddings or _base_window(config, current)
-    factor = float(rope.factor) if rope.factor is not None else target / original
+    if rope.factor is not None:
+        factor = float(rope.factor)
+    elif "factor" in params:
+        factor = float(params["factor"])  # the model's own scaling, kept
+    else:
+        factor = target / original
     if factor < 1.0:
         raise RopeError(
             f"rope.factor {factor:g} is below 1 (target {target}, original window {original}): "
             "scaling would shrink the window"
         )
-    params: dict[str, Any] = {"rope_type": rope.type, "rope_theta": theta, "factor": factor}
+    params["factor"] = factor
     if rope.type in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = original
     if rope.type == "llama3":
-        params["low_freq_factor"] = rope.low_freq_factor
-        params["high_freq_factor"] = rope.high_freq_factor
+        for name, default in _LLAMA3_DEFAULTS.items():
+            value = getattr(rope, name)
+            params[name] = float(value) if value is not None else params.get(name, default)
+        if params["high_freq_factor"] <= params["low_freq_factor"]:
+            raise RopeError("rope.high_freq_factor must be above rope.low_freq_factor")
     return params
 
 
@@ -117,6 +155,6 @@ def inv_freq(model: Any) -> Any:
     raise RopeError(f"model class {type(model).__name__} has no rotary module")
 
 
-def _base_window(config: Any, current: dict[str, Any]) -> int:
+def _base_window(config: Any, params: dict[str, Any]) -> int:
     # a model already scaled (e.g. Llama-3.1's llama3 RoPE) keeps its pre-training window
-    return int(current.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)

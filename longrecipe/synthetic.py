@@ -68,7 +68,8 @@ def retrieval_documents(
     answer_tokens: int | None = None,
 ) -> list[str]:
     """One pass-key document per entry of `lengths`, each about that many tokens long
-    (within a few tokens) with the needle at a uniformly random depth.
+    (never more; less by up to one haystack line, the unit of RULER's fitter) with the
+    needle at a uniformly random depth.
 
     `haystack` is a `longrecipe.evaluate.niah.Haystack` (default: RULER's noise line, the
     classic pass-key filler). `answer_tokens` is how many tokens the answer takes with

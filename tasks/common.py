@@ -3,8 +3,10 @@ progress in the run log, and the hook that republishes a reused stage's artifact
 (tasks/publish.py makes the artifacts).
 
 Prefect's default cache policies hash a path as text and see only a task's own
-source (PREFECT_NOTES.md), so the cache key is the stage's content key, and a key
-whose artifact is missing or fails verification is turned into a miss.
+source (PREFECT_NOTES.md), so the cache key is the stage's content key (which holds
+the content identity of every input file), and a key whose artifact is missing or
+fails its check is turned into a miss. The check of a hit is the cheap one (manifest,
+file sizes and mtimes: `ArtifactStore.check`); `longrecipe artifacts verify` rehashes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec
-from longrecipe.errors import InputError
+from longrecipe.errors import InputError, is_disk_full
 
 RefDict = dict[str, str]
 """How an artifact travels between tasks (JSON-serialisable): stage, key, uri."""
@@ -39,8 +41,8 @@ def load_ref(store: ArtifactStore, ref: RefDict | None) -> ArtifactRef | None:
 
 
 def stage_cache_key(spec_of: Callable[[ArtifactStore, dict[str, Any]], StageSpec]):
-    """A cache_key_fn returning `<stage>-<key>`; an artifact that is missing or fails
-    verification first has its stale Prefect record removed, so the task runs."""
+    """A cache_key_fn returning `<stage>-<key>`; an artifact that is missing or fails its
+    check first has its stale Prefect record removed, so the task runs."""
 
     def key_fn(context, parameters: dict[str, Any]) -> str:
         store = ArtifactStore(parameters["store"])
@@ -48,7 +50,7 @@ def stage_cache_key(spec_of: Callable[[ArtifactStore, dict[str, Any]], StageSpec
         cache_key = f"{spec.stage}-{spec.key}"
         record = results_dir(parameters["store"]) / cache_key
         ref = store.load(spec.stage, spec.key)
-        problems = ["missing"] if ref is None else store.verify(ref)
+        problems = ["missing"] if ref is None else store.check(ref)
         if problems and record.exists():
             _log(f"{spec.stage}/{spec.key}: cached result dropped, artifact "
                  f"{'; '.join(problems)}: recomputing")
@@ -59,13 +61,14 @@ def stage_cache_key(spec_of: Callable[[ArtifactStore, dict[str, Any]], StageSpec
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry failures that can pass (I/O, memory, interruptions), never bad input."""
+    """Retry failures that can pass (I/O, memory, interruptions), never bad input and
+    never a full disk (the same call would fail the same way)."""
     try:
         state.result(raise_on_failure=True)
     except (InputError, InjectedFailure):
         return False
-    except Exception:
-        return True
+    except Exception as e:
+        return not is_disk_full(e)
     return False
 
 

@@ -24,7 +24,8 @@ STAGE_TITLES = {
     "merge": "Stage 2 merge", "evaluate": "Evaluation", "report": "Report",
 }
 METHODS = {"full": "full-length (FLT)", "randomized": "randomized (RPES)", "pose": "PoSE",
-           "longrecipe": "LongRecipe", "replay": "replay for annealing"}
+           "longrecipe": "LongRecipe", "replay": "replay for annealing",
+           "reference": "H' (the analysis's reference training)"}
 
 
 def about(recipe: str, model: str, method: str | None = None) -> About:

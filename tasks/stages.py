@@ -62,23 +62,25 @@ def ingest(cfg: IngestConfig, model: ModelSpec, store: str, runtime: RuntimeConf
 
 # -- analyze
 def _analyze_spec(store, p):
-    from longrecipe.analyze import analyze_spec
+    from longrecipe.analyze import analyze_spec, reference_source
 
     cfg = p["cfg"]
-    reference = resolve(cfg.reference) if cfg.method == "logit_delta" and cfg.reference else None
+    reference = reference_source(cfg, load_ref(store, p.get("reference")))
     return analyze_spec(cfg, load_ref(store, p["documents"]), resolve(p["model"]), reference)
 
 
 @task(name="analyze", task_run_name="analyze", **stage_task_options(_analyze_spec))
 def analyze(cfg: AnalyzeConfig, documents: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig,
-        about: About | None = None) -> RefDict:
-    """Score tokens and flag impactful ones: token_scores, token_stats, sentences."""
+            reference: RefDict | None = None, about: About | None = None) -> RefDict:
+    """Score tokens and flag impactful ones: token_scores, token_stats, sentences. `reference`
+    is the trained H' of analyze.reference_training (the train task's artifact)."""
     from longrecipe.analyze import run_analyze
 
     maybe_fail("analyze", store)
     s = ArtifactStore(store)
     with stage_progress():
-        ref = run_analyze(cfg, load_ref(s, documents), model, s, runtime)
+        ref = run_analyze(cfg, load_ref(s, documents), model, s, runtime,
+                          reference=load_ref(s, reference))
     publish_summary(ref, about)
     return ref_dict(ref)
 

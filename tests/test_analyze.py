@@ -23,6 +23,7 @@ from longrecipe import (
     run_ingest,
 )
 from longrecipe import analyze as analyze_mod
+from longrecipe import scoring as scoring_mod
 from longrecipe.analyze import AnalyzeError, rope_reference, run_analyze, select_impactful
 from longrecipe.artifacts import StageSpec
 from longrecipe.ingest import DOCUMENTS_SCHEMA
@@ -205,8 +206,15 @@ def test_tables_align_with_documents(documents, store, tiny_spec):
         assert [r["sentence_index"] for r in mine] == list(range(len(mine)))
         for r in mine:
             flags = s["impactful"][r["start"] : r["end"]]
-            assert r["n_impactful"] == sum(flags) and r["impactful"] == (sum(flags) > 0)
+            assert r["n_impactful"] == sum(flags)
             assert r["n_tokens"] == r["end"] - r["start"]
+            assert r["share"] == pytest.approx(sum(flags) / r["n_tokens"])
+            assert not r["impactful"] or r["n_impactful"] > 0
+    # The top sentence_fraction of all sentences by share of impactful tokens, rounded up.
+    assert sum(r["impactful"] for r in sentences) == min(
+        math.ceil(LSD.sentence_fraction * len(sentences)), sum(r["n_impactful"] > 0 for r in sentences))
+    assert ref.info["sentences"] == len(sentences)
+    assert ref.info["sentences_flagged"] == sum(r["impactful"] for r in sentences)
     stats = ref.read_table("token_stats").to_pylist()
     all_ids = [t for d in docs for t in d["input_ids"]]
     assert sum(r["count"] for r in stats) == len(all_ids)
@@ -221,7 +229,7 @@ def test_resume_after_a_failed_shard_matches_an_uninterrupted_run(
     documents, store, tiny_spec, tmp_path, monkeypatch
 ):
     clean = run_analyze(LSD, documents, tiny_spec, ArtifactStore(tmp_path / "clean"), QUIET)
-    real = analyze_mod._Scorer.score
+    real = scoring_mod.Scorer.score
     calls = {"n": 0}
 
     def flaky(self, docs, advance):
@@ -230,14 +238,14 @@ def test_resume_after_a_failed_shard_matches_an_uninterrupted_run(
             raise RuntimeError("killed")
         return real(self, docs, advance)
 
-    monkeypatch.setattr(analyze_mod._Scorer, "score", flaky)
+    monkeypatch.setattr(scoring_mod.Scorer, "score", flaky)
     with pytest.raises(RuntimeError, match="killed"):
         run_analyze(LSD, documents, tiny_spec, store, QUIET)
     key = analyze_mod.analyze_spec(LSD, documents, analyze_mod.resolve(tiny_spec)).key
     part0 = store.root + f"/analyze/{key}.partial/token_scores/part-00000.parquet"
     assert store.get("analyze", key) is None and os.path.exists(part0)
     mtime = os.stat(part0).st_mtime_ns
-    monkeypatch.setattr(analyze_mod._Scorer, "score", real)
+    monkeypatch.setattr(scoring_mod.Scorer, "score", real)
     ref = run_analyze(LSD, documents, tiny_spec, store, QUIET)
     assert ref.manifest["timings"]["resumed_parts"] == 1
     assert ref.info["shards_computed"] == ref.info["shards"] - 1
@@ -256,7 +264,7 @@ def test_logit_delta_rope_reference(documents, store, tiny_spec):
     assert np.nanmax(np.abs(np.array(row["score"], float))) == 0  # identical models: no delta
     assert row["logprob_short"] is None
     cfg = AnalyzeConfig(method="logit_delta", reference_rope=RopeConfig(type="linear", factor=4.0),
-                        max_context=256, shard_docs=8, top_fraction=0.25)
+                        max_context=256, shard_docs=8, top_fraction=0.25, unit="occurrence")
     ref = run_analyze(cfg, documents, tiny_spec, store, QUIET)
     for row in ref.read_table("token_scores").to_pylist():
         score = np.array(row["score"], float)

@@ -179,11 +179,61 @@ def test_full_packs_short_documents_in_order(store, documents):
     train = documents.read_table("documents").filter(
         pa.compute.equal(pa.compute.field("split"), "train")
     )
-    total = sum(train.column("n_tokens").to_pylist())
+    total = sum(train.column("n_tokens").to_pylist()) + train.num_rows  # each with its EOS
     assert (
         ref.info["tokens"] == t.num_rows * 2500
         and ref.info["leftover_tokens"] == total - t.num_rows * 2500
     )
+
+
+@pytest.mark.parametrize("method", ["full", "longrecipe"])
+def test_eos_between_packed_documents(store, documents, analysis, method):
+    """Every document in a sample is followed by the tokenizer's EOS (the id ingest
+    recorded): the old build packed documents with nothing between them."""
+    eos = documents.info["special_tokens"]["eos_token_id"]
+    assert eos == 257  # the byte tokenizer's
+    cfg = BuildConfig(method=method, train_len=400, target_len=2500)
+    ref = run_build(cfg, documents, analysis, store, QUIET)
+    check_samples(ref, store)
+    assert ref.info["eos_token_id"] == eos
+    n_tokens = dict(zip(*(documents.read_table("documents").column(c).to_pylist()
+                          for c in ("doc_id", "n_tokens")), strict=True))
+    crossings = 0
+    for ids, spans in zip(*(ref.read_table("samples").column(c).to_pylist()
+                            for c in ("input_ids", "spans")), strict=True):
+        at = 0
+        for sp in spans:
+            at += sp["end"] - sp["start"]
+            if sp["end"] == n_tokens[sp["doc_id"]] + 1:  # the span ends its document
+                assert ids[at - 1] == eos
+                crossings += 1
+        assert at == len(ids)
+        # Documents never run into each other: between two documents there is an EOS.
+        doc_of = [sp["doc_id"] for sp in spans]
+        for a, b, sp in zip(doc_of, doc_of[1:], spans, strict=False):
+            if a != b:
+                assert sp["end"] == n_tokens[a] + 1, (a, b)
+    assert crossings >= 2
+
+
+def test_bos_policy_reaches_the_samples(tmp_path, store):
+    """A tokenizer that adds BOS (Llama-style) gets it at every document start in ingest,
+    so training sees BOS after every EOS, as perplexity and evaluation prompts do."""
+    from longrecipe import IngestConfig, ModelSpec, SourceSpec, TinyModelConfig, run_ingest
+    from longrecipe.synthetic import write_filler_corpus
+
+    corpus = write_filler_corpus(tmp_path / "c.jsonl", n_docs=4, sentences=20)
+    spec = ModelSpec(tiny=TinyModelConfig(add_bos=True))
+    docs = run_ingest(IngestConfig(sources=[SourceSpec(path=str(corpus))]), spec, store, QUIET)
+    assert docs.info["special_tokens"] == {"bos_token_id": 256, "adds_bos": True,
+                                           "eos_token_id": 257}
+    rows = docs.read_table("documents").to_pylist()
+    assert all(r["input_ids"][0] == 256 and 256 not in r["input_ids"][1:] for r in rows)
+    assert all(not r["text"].startswith("<") for r in rows)
+    ref = run_build(BuildConfig(method="full", target_len=1500), docs, None, store, QUIET)
+    ids = [t for s in ref.read_table("samples").column("input_ids").to_pylist() for t in s]
+    after_eos = [ids[i + 1] for i, t in enumerate(ids[:-1]) if t == 257]
+    assert after_eos and set(after_eos) == {256}
 
 
 # --------------------------------------------------------------------------- determinism
@@ -299,10 +349,11 @@ def _hand_made(store, sentences: list[tuple[int, bool]]):
             "sentence_ends": pa.array([ends], pa.list_(pa.int32())),
         }
     )
-    documents = store.produce(
-        StageSpec("ingest", "test_v1", {"hand": sentences}, {}),
-        lambda w: w.write_table("documents", docs),
-    )
+    def write(w):
+        w.write_table("documents", docs)
+        w.info.update(special_tokens={"bos_token_id": 256, "adds_bos": False, "eos_token_id": 257})
+
+    documents = store.produce(StageSpec("ingest", "test_v1", {"hand": sentences}, {}), write)
     starts = [0, *ends[:-1]]
     sents = pa.table(
         {

@@ -1,8 +1,10 @@
 """Deployments on loopback: a Prefect server, a `process` pool, `prefect --no-prompt deploy
---all`, a deployment run with parameters, a worker with --run-once; all stopped by pid."""
+--all`, a deployment run with parameters, a worker with --run-once, then the concurrent
+comparison through the same pool; all stopped by pid."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -68,6 +70,22 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         assert build.manifest["config"]["num_samples"] == 4
         runs = prefect("flow-run", "ls")
         assert "COMPLETED" in runs
+
+        # the process pool runs the concurrent comparison: two CPU slots stand in for GPUs
+        prefect("deployment", "run", "longrecipe-compare/compare", "--param", "config=configs/tiny.yaml",
+                "--param", "device=cpu", "--param",
+                'overrides=["compare.devices=[cpu, cpu]", "compare.methods=[full, pose]", '
+                '"train.optim.max_steps=2"]')
+        prefect("worker", "start", "--pool", "longrecipe", "--run-once", timeout=600)
+        trained = list(ArtifactStore(store).iter_refs("train"))
+        assert len(trained) == 2 and all(r.info["launched"] for r in trained)  # a process each
+        assert len(list(ArtifactStore(store).iter_refs("report"))) == 1
+        runs = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{api}/task_runs/filter", data=json.dumps({"limit": 50}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST"), timeout=10).read())
+        span = {t["name"]: (t["start_time"], t["end_time"]) for t in runs if t["name"].startswith("branch-")}
+        assert set(span) == {"branch-base", "branch-full", "branch-pose"}
+        assert span["branch-base"][0] < span["branch-full"][1] and span["branch-full"][0] < span["branch-base"][1]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -169,7 +170,7 @@ def _kill_when(tmp: Path, store: Path, pattern: str, timeout: float = 300) -> No
 
 @pytest.mark.parametrize("stage,pattern", [
     ("analyze", "analyze/*.partial/token_scores/part-00000.parquet"),
-    ("train", "train/*.partial/_scratch/ckpt-*/state.json"),
+    ("train", "train/*.scratch/ckpt-*/state.json"),
 ])
 def test_sigkill_resumes_from_last_part(tmp_path, reference, stage, pattern):
     _, ref_keys, ref_content = reference
@@ -233,25 +234,68 @@ def test_flipped_byte_recomputes_that_stage_and_says_why(tmp_path, reference):
     assert pq.read_table(part).num_rows > 0 and json.loads((fixed.path / "manifest.json").read_text())
 
 
-def test_compare_flow_shares_stages_and_reports_cost_vs_full(tmp_path):
-    store = tmp_path / "store"
-    r = subprocess.run([sys.executable, "-m", "longrecipe", "compare", "configs/tiny.yaml", "--store", str(store),
-                        "--device", "cpu", "--set", "compare.methods=[full, pose, longrecipe]",
-                        "--set", "train.optim.max_steps=2"],
-                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+COMPARE = ["--set", "compare.methods=[full, pose, longrecipe]", "--set", "compare.through=merge",
+           "--set", "train.optim.max_steps=2"]
+
+
+def run_compare(tmp: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longrecipe", "compare", "configs/tiny.yaml",
+                           "--store", str(store), "--device", "cpu", *COMPARE, *extra],
+                          cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def sequential_compare(tmp_path_factory):
+    """The comparison with its branches one after another (no compare.devices)."""
+    tmp = tmp_path_factory.mktemp("compare")
+    r = run_compare(tmp, tmp / "store")
     assert r.returncode == 0, r.stderr[-3000:]
-    s = ArtifactStore(store)
-    count = {st: len(list(s.iter_refs(st))) for st in ("ingest", "analyze", "build", "train", "evaluate")}
-    # one shared ingest and analysis; per method its samples, training and evaluation (+ base)
-    assert count == {"ingest": 1, "analyze": 1, "build": 3, "train": 3, "evaluate": 4}
+    return tmp / "store"
+
+
+def test_compare_flow_shares_stages_and_reports_cost_vs_full(sequential_compare):
+    s = ArtifactStore(sequential_compare)
+    count = {st: len(list(s.iter_refs(st)))
+             for st in ("ingest", "analyze", "build", "train", "anneal", "merge", "evaluate")}
+    # one shared ingest, analysis and replay; per method its samples, training, annealing,
+    # merging and evaluation (+ the base model's evaluation)
+    assert count == {"ingest": 1, "analyze": 1, "build": 4, "train": 3, "anneal": 3, "merge": 3,
+                     "evaluate": 4}
     methods = {ref.manifest["config"]["method"] for ref in s.iter_refs("build")}
     assert methods == {"full", "pose", "longrecipe"}
+    assert not any(ref.info["launched"] for ref in s.iter_refs("train"))  # in the flow's process
     report = next(s.iter_refs("report")).path / "files" / "report.md"
     text = report.read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "TFLOPs" not in line}
     assert "1.00" in rows["full"] and rows["longrecipe"].count("|") > 5
     ratio = float(rows["longrecipe"].split("|")[7])
     assert 0 < ratio < 0.5  # 300-token samples vs 1,024: a fraction of full-length cost
+
+
+def test_compare_branches_run_at_once_on_two_slots_and_equal_the_sequential_run(
+    tmp_path, sequential_compare
+):
+    store = tmp_path / "store"
+    r = run_compare(tmp_path, store, "--set", "compare.devices=[cpu, cpu]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert keys(store) == keys(sequential_compare)
+    assert content(store) == content(sequential_compare)
+    # every training ran in a process of its own (accelerate's state is per process)
+    s = ArtifactStore(store)
+    assert all(ref.info["launched"] for st in ("train", "anneal") for ref in s.iter_refs(st))
+    con = sqlite3.connect(tmp_path / "prefect" / "prefect.db")
+    try:
+        rows = con.execute("SELECT name, start_time, end_time FROM task_run WHERE name LIKE 'branch-%'"
+                           ).fetchall()
+        names = [n for (n,) in con.execute("SELECT name FROM task_run")]
+    finally:
+        con.close()
+    assert sorted(n for n, _, _ in rows) == ["branch-base", "branch-full", "branch-longrecipe", "branch-pose"]
+    # most branches running at any moment: two, as many as slots
+    events = sorted([(a, 1) for _, a, _ in rows] + [(b, -1) for _, _, b in rows])
+    running = [sum(d for _, d in events[: i + 1]) for i in range(len(events))]
+    assert max(running) == 2
+    assert "train-pose [cpu]" in names and "merge-longrecipe [cpu]" in names
 
 
 def test_report_command_over_the_store(reference, tmp_path):
@@ -267,3 +311,43 @@ def test_report_command_over_the_store(reference, tmp_path):
     assert str(ref_tmp) not in text and "](../" in text and "](niah.png)" in text
     page = out.with_suffix(".html").read_text()
     assert str(ref_tmp) not in page and page.count('<img src="data:image/png;base64,') == 3
+
+
+def test_reference_training_runs_as_its_own_cached_stages(tmp_path):
+    """H' as the paper made it: the base model after a short long-context training, built
+    and trained by the flow as ordinary cached stages, then the analysis's reference."""
+    store = tmp_path / "store"
+    rt = ("analyze.reference_training={build: {method: pose, train_len: 128, target_len: 1024, "
+          "num_samples: 2}, train: {optim: {max_steps: 1, precision: fp32}, "
+          "rope: {theta: 160000}}}")
+    args = ("--until", "analyze", "--set", "analyze.method=logit_delta", "--set", rt)
+    r = run_cli(tmp_path, store, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = dict(task_states(tmp_path))
+    assert states["build-reference"] == states["train-reference"] == states["analyze"] == "Completed"
+    s = ArtifactStore(store)
+    (analysis,), (trained,), (samples,) = (list(s.iter_refs(x)) for x in ("analyze", "train", "build"))
+    assert analysis.manifest["inputs"]["reference"] == trained.key
+    assert trained.manifest["inputs"]["samples"] == samples.key
+    assert samples.manifest["config"]["method"] == "pose"
+    assert analysis.info["sentences_flagged_fraction"] < 0.9
+    r = run_cli(tmp_path, store, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(state == "Cached" for _, state in task_states(tmp_path))
+
+
+def test_finding_7_a_copied_store_prints_its_own_paths(tmp_path, reference):
+    """Issue 14, finding 7: a store copied elsewhere (like `cp -r`: new mtimes) reuses every
+    stage and prints the copy's folders, not those its cached results were made at."""
+    ref_tmp, ref_keys, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(ref_tmp / "store", copy, copy_function=shutil.copy)
+    r = run_cli(tmp_path, copy)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # one line per stage: name, key, folder (the scores at a glance and the report follow)
+    printed = [w for w in (line.split() for line in r.stdout.splitlines())
+               if len(w) == 3 and w[2].startswith("/")]
+    assert {key for _, key, _ in printed} == set(ref_keys.values())
+    for _, key, folder in printed:
+        assert folder.startswith(f"{copy}/") and folder.endswith(key) and Path(folder).is_dir(), folder
+    assert {s for _, s in task_states(tmp_path)} == {"Cached"}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from longrecipe import ModelSpec, OptimConfig, RuntimeConfig, TrainConfig, run_train
+from longrecipe.loop import causal_lm_forward
 from longrecipe.models import load_model, load_tokenizer
-from longrecipe.train import causal_lm_forward
 from tests.test_train import make_samples, metrics, positions
 
 pytestmark = pytest.mark.gpu
@@ -80,3 +80,34 @@ def test_auto_attention_picks_flash_attention_on_cuda():
     from longrecipe.models import pick_attention
 
     assert pick_attention("auto", "cuda") == "flash_attention_2"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_the_loop_trains_with_torch_attention_kernels_on_cuda(store, attention):
+    """The loop's padded layout (explicit mask) under sdpa and flex_attention, bf16, on
+    LongRecipe position ids: the backend is resolved for CUDA and recorded."""
+    samples = make_samples(store, n_samples=4)
+    cfg = TrainConfig(optim=OptimConfig(lr=3e-3, max_steps=6, batch_size=2, attention=attention))
+    ref = run_train(cfg, samples, ModelSpec(), store, CUDA)
+    losses = [r["loss"] for r in metrics(ref)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert ref.info["attention"] == attention
+
+
+def test_stages_place_their_models_on_an_indexed_gpu(documents, store, tiny_spec):
+    """`cuda:N` end to end: analysis, training and evaluation on the last visible GPU (the
+    device a branch of the concurrent comparison gets)."""
+    from longrecipe import AnalyzeConfig, EvaluateConfig, run_analyze, run_evaluate
+
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    rt = RuntimeConfig(progress=False, device=device)
+    analysis = run_analyze(AnalyzeConfig(method="lsd", max_context=512, short_window=64,
+                                         short_stride=32, max_documents=2),
+                           documents, tiny_spec, store, rt)
+    assert analysis.info["tokens_scored"] > 0
+    trained = run_train(TrainConfig(optim=OptimConfig(max_steps=2, precision="bf16")),
+                        make_samples(store, n_samples=4), ModelSpec(), store, rt)
+    assert trained.info["device"].startswith("cuda") and trained.info["steps"] == 2
+    ev = run_evaluate(EvaluateConfig(suites=["perplexity"], lengths=[128], max_documents=1),
+                      {"base": tiny_spec}, store, rt, documents=documents)
+    assert ev.read_table("eval_summary").num_rows == 1

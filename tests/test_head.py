@@ -90,3 +90,18 @@ def test_forward_hidden_is_the_decoders_last_hidden_state():
                                    position_ids=pos).last_hidden_state
         got = forward_hidden(model, x, pos, torch.ones_like(x))
     torch.testing.assert_close(got, want)
+
+
+def test_a_forward_without_logits_to_keep_is_refused_clearly():
+    import transformers as tf
+
+    class Old(tf.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    use_cache=None):  # an old-style remote-code signature
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=use_cache)
+
+    model = Old(tf.LlamaConfig(**SHAPE)).eval()
+    x = torch.randint(0, 300, (1, 5))
+    with pytest.raises(ModelError, match="Old: its forward takes no `logits_to_keep`"):
+        forward_hidden(model, x, torch.arange(5)[None], torch.ones_like(x))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +196,6 @@ def test_run_merge_materialises_the_tiny_original_and_keeps_the_trained_config(s
     for k, v in merged.state_dict().items():
         if k in tuned:
             assert torch.equal(v, (base[k] + tuned[k]) / 2), k
-    assert not (ref.path / "_scratch").exists()
+    assert not (ref.path / "_scratch").exists() and not Path(store.scratch_dir("merge", ref.key)).exists()
     # the same inputs again: the finished artifact, not a second merge
     assert run_merge(MergeConfig(weight=0.5), ModelSpec(), trained, store, QUIET).key == ref.key

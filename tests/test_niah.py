@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from longrecipe.evaluate import niah as niah_mod
+from longrecipe.evaluate.haystack import NOISE, PromptFormat, sentence_ends
 from longrecipe.evaluate.niah import (
     ANSWER_PREFIX,
     NEEDLE,
@@ -24,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RULER_DATA = ROOT / "data/external/ruler"
 HAS_ESSAYS = (RULER_DATA / "PaulGrahamEssays.json").exists()
 MAX_NEW = 32
-SENTENCE_START = re.compile(r"[.!?][\"')\]]*(?:\s+|(?=[A-Z]))")
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +57,19 @@ def _context(sample) -> str:
 @pytest.mark.parametrize("haystack", _haystacks(), ids=lambda h: h.name)
 @pytest.mark.parametrize("length", [512, 1024])
 def test_input_fills_the_length_budget(tok, haystack, length):
+    fmt = PromptFormat("base", tok)
     for s in niah_samples(length, depth_grid(5), tok, haystack, max_new_tokens=MAX_NEW):
         n = len(tok(s.prompt)["input_ids"])
-        assert n == s.n_input_tokens
-        # input plus tokens to generate fit the length, to within a few tokens
-        assert length - 4 <= n + MAX_NEW <= length
+        assert n == s.n_input_tokens and n + MAX_NEW <= length
+        # RULER's fitter: the largest haystack that fits, to one unit (a line or a word)
+        more = niah_mod._builder(fmt, haystack, s.depth, s.key, s.references[0])
+        assert fmt.count(more(s.haystack_units + 1)[0]) + MAX_NEW > length
 
 
 @pytest.mark.parametrize("haystack", _haystacks(), ids=lambda h: h.name)
-def test_one_needle_at_a_sentence_boundary_at_or_before_the_depth(tok, haystack):
+def test_one_needle_at_a_sentence_boundary_at_the_depth(tok, haystack):
+    """RULER's placement: after int(sentences x depth / 100) sentences of a word haystack,
+    before line int(lines x depth / 100) of the noise haystack."""
     samples = niah_samples(1024, depth_grid(11), tok, haystack, max_new_tokens=MAX_NEW)
     for s in samples:
         needle = NEEDLE.format(key=s.key, value=s.references[0])
@@ -73,26 +78,32 @@ def test_one_needle_at_a_sentence_boundary_at_or_before_the_depth(tok, haystack)
         assert s.prompt.count(s.key) == 3  # the needle, the question, the answer prefix
         context = _context(s)
         at = context.index(needle)
-        before, after = context[:at], context[at + len(needle) :]
-        # A sentence boundary: the start, or end punctuation then a space or newline.
-        assert at == 0 or re.search(r"[.!?][\"')\]]*\s$", before), before[-30:]
-        # The needle sits at the last sentence start at or before the requested depth:
-        # no sentence starts between the needle and the depth's token.
-        hay = before + after[1:]  # the haystack without the needle and its separator
-        ends = [e for _, e in tok(hay, add_special_tokens=False,
-                                  return_offsets_mapping=True)["offset_mapping"]]
-        j = min(len(ends), round(s.haystack_tokens * s.depth / 100))
-        depth_char = ends[j - 1] if j else 0
-        assert len(before) <= depth_char + 1
-        starts = [m.end() for m in SENTENCE_START.finditer(hay)]
-        assert not [c for c in starts if len(before) < c <= depth_char], s.depth
+        before = context[:at]
+        if haystack.name == "noise":
+            lines = context.split("\n")
+            assert lines.index(needle) == int(s.haystack_units * s.depth / 100)
+            assert set(lines) - {needle} <= {NOISE} and len(lines) == s.haystack_units + 1
+            continue
+        words = before.split()
+        hay = words + context[at + len(needle):].split()
+        assert len(hay) == s.haystack_units
+        ends = [e for e in sentence_ends(hay) if e < len(hay)] + [len(hay)]
+        # a sentence boundary: the start, or the end of a sentence of the haystack
+        assert len(words) == 0 or len(words) in ends
+        assert sum(e <= len(words) for e in ends) == int(len(ends) * s.depth / 100)
 
 
-def test_depths_land_where_asked_on_the_noise_haystack(tok):
-    # Noise sentences are at most 22 tokens: every needle is within a sentence of its depth.
-    samples = niah_samples(1024, depth_grid(10), tok, noise_haystack(), max_new_tokens=MAX_NEW)
+@pytest.mark.parametrize("haystack", _haystacks(), ids=lambda h: h.name)
+def test_depths_land_where_asked(tok, haystack):
+    samples = niah_samples(1024, depth_grid(10), tok, haystack, max_new_tokens=MAX_NEW)
     for s in samples:
-        assert s.depth - 100 * 23 / s.haystack_tokens <= s.needle_depth <= s.depth + 0.5
+        if haystack.name == "noise":
+            units = s.haystack_units  # lines
+        else:
+            units = haystack.words.sentences_before(s.haystack_units, s.depth)[1]  # sentences
+        # at the depth, moved back by less than one line or sentence
+        assert 0 <= s.depth - s.needle_depth < 100 / units, s
+    assert samples[0].needle_depth == 0.0 and samples[-1].needle_depth == 100.0
 
 
 def test_same_seed_same_inputs_other_seed_other_needles(tok):

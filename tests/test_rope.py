@@ -131,3 +131,44 @@ def test_no_change_keeps_rope_and_sets_the_window(model):
     assert params == {"rope_type": "default", "rope_theta": 10000.0}
     assert model.config.max_position_embeddings == 4096
     assert torch.equal(inv_freq(model), before)
+
+
+# --------------------------------------------------------------------------- keys kept
+
+
+def test_partial_rotary_factor_kept():
+    """Phi-3 style models rotate part of each head: a new theta must not change that (the
+    old apply_rope rebuilt rope_parameters and dropped partial_rotary_factor, silently
+    rotating the whole head)."""
+    from longrecipe import TinyModelConfig
+
+    phi = load_model(ModelSpec(tiny=TinyModelConfig(family="phi3")))
+    rotary_dims = inv_freq(phi).numel()
+    params = apply_rope(phi, RopeConfig(theta=160000.0), 1024)
+    assert params == {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": 0.5}
+    assert phi.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert inv_freq(phi).numel() == rotary_dims == HEAD_DIM // 4  # half of 16 dims, in pairs
+    yarn = apply_rope(phi, RopeConfig(type="default", theta=2e5), 2048)
+    assert yarn["partial_rotary_factor"] == 0.5
+
+
+def test_an_existing_scaling_is_never_dropped_silently(model):
+    """Llama-3.1 ships llama3 RoPE: `default` with a new theta used to strip it."""
+    llama31 = RopeConfig(type="llama3", factor=8.0, original_max_position_embeddings=64,
+                         low_freq_factor=1.0, high_freq_factor=4.0)
+    apply_rope(model, llama31, 512, training=False)
+    with pytest.raises(RopeError, match="would drop the model's 'llama3' RoPE scaling"):
+        apply_rope(model, RopeConfig(theta=5e5), 1024)
+    assert model.config.rope_parameters["rope_type"] == "llama3"  # untouched on refusal
+    # Same type, new theta: factor, bands and original window are the model's own.
+    kept = apply_rope(model, RopeConfig(type="llama3", theta=5e5), 1024)
+    assert kept == {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                    "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0}
+    assert torch.allclose(inv_freq(model), llama3_freqs(5e5, 8.0, 1.0, 4.0, 64))
+    # Replacing it must be said explicitly; the scaling keys go, the others stay.
+    model.config.rope_parameters["partial_rotary_factor"] = 1.0
+    plain = apply_rope(model, RopeConfig(theta=5e5, replace_scaling=True), 1024)
+    assert plain == {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 1.0}
+    yarn = apply_rope(model, RopeConfig(type="yarn", factor=4.0, replace_scaling=True), 1024)
+    assert yarn["original_max_position_embeddings"] == 1024 and "low_freq_factor" not in yarn

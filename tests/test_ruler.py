@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from longrecipe.evaluate import ruler
+from longrecipe.evaluate import haystack, ruler
 from longrecipe.evaluate.ruler import (
     NOISE,
     RULER_TASKS,
@@ -232,7 +232,7 @@ def test_essay_needles_sit_at_sentence_boundaries(tok, data_dir):
 
 
 def test_essay_depths_follow_the_sentence_count():
-    essay = ruler._Essay("One aa. Two bb.\n Three cc. Four dd.  Five ee.")  # 5 sentences
+    essay = haystack.WordHaystack("One aa. Two bb.\n Three cc. Four dd.  Five ee.")  # 5 sentences
     assert essay.ends == [2, 4, 6, 8]
     text = essay.with_needles(10, ["N0", "N50", "N100"], [0, 50, 100])
     assert text == "N0 One aa. Two bb. N50 Three cc. Four dd. Five ee. N100"
@@ -244,7 +244,7 @@ def test_essay_depths_follow_the_sentence_count():
 
 def test_sentence_split_skips_abbreviations_and_initials():
     words = "Dr. Lee met J. R. Smith. Then e.g. nothing. Done! ok. Next".split(" ")
-    ends = ruler._sentence_ends(words)
+    ends = haystack.sentence_ends(words)
     assert [words[e - 1] for e in ends] == ["Smith.", "nothing.", "ok."]  # not "Done!" before "ok."
 
 
@@ -343,16 +343,16 @@ def test_fit_finds_the_largest_count_in_few_steps():
     def build(k: int) -> tuple[str, list[str]]:
         return "x" * (100 + 7 * k + (k * 13) % 5), []  # roughly linear, not exactly monotone
 
-    k, text, _, n = ruler._fit(build, count, 5000, 0, 10_000, None)
+    k, text, _, n = haystack.fit(build, count, 5000, 0, 10_000, None)
     assert n == len(text) <= 5000
     assert len(build(k + 1)[0]) > 5000 or 5000 - n < 7  # k + 1 does not fit, or under a unit left
     first = len(calls)
     calls.clear()
-    k2, *_ = ruler._fit(build, count, 5000, 0, 10_000, guess=k)
+    k2, *_ = haystack.fit(build, count, 5000, 0, 10_000, guess=k)
     assert k2 == k and len(calls) <= 3 < first  # from the previous answer: a check or two
-    with pytest.raises(ruler._TooShort):
-        ruler._fit(build, count, 50, 0, 10_000, None)
-    assert ruler._fit(build, count, 10**9, 0, 20, None)[0] == 20  # capped at hi
+    with pytest.raises(haystack.TooShort):
+        haystack.fit(build, count, 50, 0, 10_000, None)
+    assert haystack.fit(build, count, 10**9, 0, 20, None)[0] == 20  # capped at hi
 
 
 # --------------------------------------------------------------------------- errors

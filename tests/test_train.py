@@ -1,5 +1,5 @@
 """The train and anneal stages: the attention-mask trap, learning, resume, schedules,
-HF-complete outputs, bad inputs."""
+HF-complete outputs, bad inputs. More than one process: tests/test_launch.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+import longrecipe.loop as loop_mod
 import longrecipe.train as train_mod
 from longrecipe import (
     AnnealConfig,
@@ -22,15 +23,12 @@ from longrecipe import (
     TrainConfig,
 )
 from longrecipe.anneal import run_anneal
+from longrecipe.batches import SampleStream
+from longrecipe.loop import causal_lm_forward, make_schedule
+from longrecipe.model_io import as_source
 from longrecipe.models import ModelError, byte_tokenizer, load_model
 from longrecipe.rope import RopeError
-from longrecipe.train import (
-    SampleStream,
-    TrainError,
-    causal_lm_forward,
-    make_schedule,
-    run_train,
-)
+from longrecipe.train import TrainError, run_train
 from tests.conftest import DEMO_GGUF, QUIET
 
 TEXT = b"The cat sat on the mat. The dog sat on the log. " * 64
@@ -178,16 +176,16 @@ def test_grad_accumulation_equals_one_big_batch(store):
 
 def test_bf16_autocast_keeps_fp32_master_weights(store, monkeypatch):
     seen = set()
-    real = train_mod.load_model
+    real = loop_mod.load_model
 
     def spy(*args, **kwargs):
         m = real(*args, **kwargs)
-        m.model.layers[0].mlp.down_proj.register_forward_hook(
-            lambda mod, inp, out: seen.add(out.dtype)
+        m.model.layers[0].mlp.down_proj.register_forward_hook(  # training steps only, not
+            lambda mod, inp, out: seen.add(out.dtype) if mod.training else None  # the head probe
         )
         return m
 
-    monkeypatch.setattr(train_mod, "load_model", spy)
+    monkeypatch.setattr(loop_mod, "load_model", spy)
     samples = make_samples(store, n_samples=2)
     ref = run_train(TrainConfig(optim=OptimConfig(max_steps=2, precision="bf16")),
                     samples, ModelSpec(), store, QUIET)
@@ -225,18 +223,18 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     ref_whole = run_train(cfg, make_samples(whole, parts=2), ModelSpec(), whole, QUIET)
 
     samples = make_samples(broken, parts=2)
-    real = train_mod.save_checkpoint
+    real = loop_mod.save_checkpoint
 
     def save_then_die(scratch, state, *args):
         if state.step == 6:  # killed after step 6, before its checkpoint: 5 and 6 are redone
             raise Killed
         return real(scratch, state, *args)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run_train(cfg, samples, ModelSpec(), broken, QUIET)
-    assert broken.get("train", train_mod.train_spec(cfg, samples, train_mod.as_source(ModelSpec())).key) is None
-    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    assert broken.get("train", train_mod.train_spec(cfg, samples, as_source(ModelSpec())).key) is None
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
     ref = run_train(cfg, samples, ModelSpec(), broken, QUIET)
 
     assert ref.info["resumed_from_step"] == 4
@@ -247,7 +245,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     a = (ref.path / "files/model/model.safetensors").read_bytes()
     b = (ref_whole.path / "files/model/model.safetensors").read_bytes()
     assert a == b
-    assert not any(p.name == "_scratch" for p in ref.path.iterdir())  # dropped at commit
+    # the checkpoints (beside the partial folder) are dropped once the artifact is in place
+    assert not Path(broken.scratch_dir("train", ref.key)).exists()
+    assert not any(p.name == "_scratch" for p in ref.path.iterdir())
 
 
 def test_sample_stream_visits_every_sample_once_per_epoch(store):
@@ -350,27 +350,6 @@ def test_anneal_refuses_non_full_replay_samples(store):
     trained = run_train(TrainConfig(optim=OptimConfig(max_steps=1)), samples, ModelSpec(), store, QUIET)
     with pytest.raises(TrainError, match="method 'longrecipe'"):
         run_anneal(AnnealConfig(), trained, samples, store, QUIET)
-
-
-# --------------------------------------------------------------------------- launch
-
-
-@pytest.mark.integration
-def test_accelerate_launch_trains_like_the_in_process_loop(store, tmp_path):
-    """An accelerate config file runs the stage under `accelerate launch` in a subprocess."""
-    acc_cfg = tmp_path / "cpu.yaml"
-    acc_cfg.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
-        "num_machines: 1\nmachine_rank: 0\nuse_cpu: true\nmixed_precision: 'no'\n"
-    )
-    samples = make_samples(store, n_samples=2)
-    common = dict(lr=1e-3, max_steps=3, precision="fp32")
-    here = run_train(TrainConfig(optim=OptimConfig(**common)), samples, ModelSpec(), store, QUIET)
-    there = run_train(TrainConfig(optim=OptimConfig(accelerate_config=str(acc_cfg), **common)),
-                      samples, ModelSpec(), store, QUIET)
-    assert there.key != here.key
-    assert there.info["launched"] is True and here.info["launched"] is False
-    assert [r["loss"] for r in metrics(there)] == [r["loss"] for r in metrics(here)]
 
 
 # --------------------------------------------------------------------------- the demo model

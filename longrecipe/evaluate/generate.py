@@ -155,13 +155,15 @@ def generate(
 ) -> list[Generated]:
     """Greedy continuations of text prompts, in batches of similar length.
 
-    Prompts are tokenized as the model would see them alone (special tokens the
-    tokenizer adds by default included). `on_batch(n, seconds)` is called after
+    Prompts are tokenized as the model would see them alone, by the pipeline's one BOS
+    rule (longrecipe.tokens.encode: a BOS where the tokenizer adds one, never twice). `on_batch(n, seconds)` is called after
     each batch (progress and timing).
     """
     import time
 
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    from longrecipe.tokens import encode
+
+    encoded = [encode(tokenizer, p) for p in prompts]
     stop = StopRule(tokenizer, eos_ids(model, tokenizer), stop_at_newline)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Sorting by length keeps padding small; results go back in the caller's order.
