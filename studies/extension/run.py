@@ -56,6 +56,9 @@ class Scale:
 
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+NIAH_MIN = 128
+"""Shortest pass-key document (tokens): RULER's niah prompt without haystack takes 108
+tokens with the study's tokenizer, plus the answer."""
 SCALES = {
     # 2-core CPU: the published study (docs/study.md), about 25 minutes.
     "cpu": Scale(
@@ -64,7 +67,7 @@ SCALES = {
                    num_key_value_heads=8, max_position_embeddings=256, rope_parameters=_ROPE),
         pretrain="pretrain.yaml", study="study.yaml", runs="runs", results="results", device="cpu",
         pretrain_mix=(0.4, 0.4),
-        extension_retrieval=dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002),
+        extension_retrieval=dict(n=1000, lengths=(NIAH_MIN, 1000), share=0.4, seed=1002),
     ),
     # The base model shipped for `make demo` (models/passkey-llama-2.6m): the CPU study's
     # recipe with a model 2.3x larger (hidden 192, 5 layers, 6 heads of 32), whose fp32
@@ -75,7 +78,7 @@ SCALES = {
                    num_key_value_heads=6, max_position_embeddings=256, rope_parameters=_ROPE),
         pretrain="pretrain.yaml", study="study.yaml", runs="runs-demo", results="results-demo",
         device="cpu", pretrain_mix=(0.4, 0.4),
-        extension_retrieval=dict(n=1000, lengths=(112, 1000), share=0.4, seed=1002),
+        extension_retrieval=dict(n=1000, lengths=(NIAH_MIN, 1000), share=0.4, seed=1002),
     ),
     # One GPU: the same study with a model ten times larger (docs/study.md, GPU section).
     "gpu": Scale(
@@ -84,7 +87,7 @@ SCALES = {
                    num_key_value_heads=6, max_position_embeddings=256, rope_parameters=_ROPE),
         pretrain="pretrain-gpu.yaml", study="study-gpu.yaml", runs="runs-gpu", results="results-gpu",
         device="cuda", pretrain_mix=(0.4, 0.4),
-        extension_retrieval=dict(n=2000, lengths=(112, 1000), share=0.4, seed=1002),
+        extension_retrieval=dict(n=2000, lengths=(NIAH_MIN, 1000), share=0.4, seed=1002),
     ),
 }
 
@@ -160,12 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 def step_prepare(args) -> None:
     """Tokenizer (runs/tokenizer), init model (runs/init) and corpora (runs/corpus); each
     written only when missing, so prepared inputs can be carried to another machine."""
-    import random
-
     from prepare import (
         heldout_by_ingest,
         init_model,
-        interleave,
         noise_passkey_texts,
         number_texts,
         read_jsonl,
@@ -174,7 +174,6 @@ def step_prepare(args) -> None:
         write_jsonl,
     )
     from transformers import AutoTokenizer
-
 
     tok_dir = RUNS / "tokenizer"
     done = [tok_dir / "tokenizer.json", CORPUS / "pretrain.jsonl", CORPUS / "extension.jsonl"]
@@ -194,7 +193,6 @@ def step_prepare(args) -> None:
     heldout_fraction = _study_cfg().ingest.heldout_fraction
     # Held-out Shakespeare (perplexity, retention) is never seen in pretraining either.
     train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
-    held = [c for c in chunks if heldout_by_ingest(c, heldout_fraction)]
     chunk_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in train_chunks]
     if not (CORPUS / "pretrain.jsonl").exists():
         write_jsonl(CORPUS / "pretrain.jsonl", _pretrain_windows(tok, chunk_ids))
@@ -202,22 +200,36 @@ def step_prepare(args) -> None:
             f"{len(read_jsonl(CORPUS / 'pretrain.jsonl'))} windows of {WINDOW} tokens")
     path = CORPUS / "extension.jsonl"
     if not path.exists():
-        spec = S.extension_retrieval
-        n_tokens = [len(ids) for ids in chunk_ids]
-        rng = random.Random(spec["seed"])
-        lo, hi = spec["lengths"]
-        lengths = [rng.randrange(lo, hi + 1, 8) for _ in range(spec["n"])]
-        docs = _retrieval_docs(lengths, spec["seed"])
-        # Pass-key documents stay out of the held-out split: perplexity is Shakespeare's.
-        docs = [d for d in docs if not heldout_by_ingest(d, heldout_fraction)]
-        doc_tokens = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
-        order = random.Random(spec["seed"]).sample(range(len(train_chunks)), len(train_chunks))
-        mixed = interleave([([train_chunks[i] for i in order], [n_tokens[i] for i in order],
-                             1 - spec["share"]), (docs, doc_tokens, spec["share"])])
-        # The held-out chunks (perplexity, retention) come first: the evaluation reads the
-        # first held-out documents long enough for each length.
-        write_jsonl(path, held + mixed)
+        write_jsonl(path, extension_corpus(tok, tok_dir, chunks, S.extension_retrieval,
+                                           heldout_fraction))
         log(f"{repo_path(path)}: {len(read_jsonl(path))} documents")
+
+
+def extension_corpus(tok, tok_dir: Path, chunks: list[str], spec: dict,
+                     heldout_fraction: float) -> list[str]:
+    """The extension corpus: the held-out Shakespeare chunks first (the evaluation reads
+    the first held-out documents long enough for each length), then the other chunks
+    interleaved with pass-key documents (spec: count, token lengths, token share, seed)
+    so that every prefix holds about `share` of pass-key tokens. Seeded throughout: the
+    same chunks and tokenizer give the same texts (`make demo` writes its corpus with it)."""
+    import random
+
+    from prepare import heldout_by_ingest, interleave
+
+    train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
+    held = [c for c in chunks if heldout_by_ingest(c, heldout_fraction)]
+    n_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in train_chunks]
+    rng = random.Random(spec["seed"])
+    lo, hi = spec["lengths"]
+    lengths = [rng.randrange(lo, hi + 1, 8) for _ in range(spec["n"])]
+    docs = _retrieval_docs(lengths, spec["seed"], tok_dir)
+    # Pass-key documents stay out of the held-out split: perplexity is Shakespeare's.
+    docs = [d for d in docs if not heldout_by_ingest(d, heldout_fraction)]
+    doc_tokens = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
+    order = random.Random(spec["seed"]).sample(range(len(train_chunks)), len(train_chunks))
+    mixed = interleave([([train_chunks[i] for i in order], [n_tokens[i] for i in order],
+                         1 - spec["share"]), (docs, doc_tokens, spec["share"])])
+    return held + mixed
 
 
 def _shakespeare() -> list[str]:
@@ -233,7 +245,7 @@ def _pretrain_windows(tok, chunk_ids: list[list[int]]) -> list[str]:
     """The pretraining corpus: one document per training sample, each exactly WINDOW tokens
     (build packs in order, so every sample starts at a document start and no pass-key
     document is cut between needle and question). By S.pretrain_mix, a window holds a
-    full NIAH document (112-256 tokens) or a run of short pass-key drills, followed by
+    full NIAH document (NIAH_MIN-256 tokens) or a run of short pass-key drills, followed by
     Shakespeare up to WINDOW; the other windows are Shakespeare alone. Seeded order."""
     import random
 
@@ -245,9 +257,9 @@ def _pretrain_windows(tok, chunk_ids: list[list[int]]) -> list[str]:
     kinds = rng.choices(["niah", "drill", "text"], weights=[*S.pretrain_mix, 1 - sum(S.pretrain_mix)],
                         k=n + n // 10)
     niah_at = [i for i, k in enumerate(kinds) if k == "niah"]
-    lengths = [rng.randrange(112, WINDOW + 1, 8) for _ in niah_at]
+    lengths = [rng.randrange(NIAH_MIN, WINDOW + 1, 8) for _ in niah_at]
     heads = [drill_text(rng, tok, WINDOW - 16) if k == "drill" else "" for k in kinds]
-    for i, doc in zip(niah_at, _retrieval_docs(lengths, PRETRAIN_SEED), strict=True):
+    for i, doc in zip(niah_at, _retrieval_docs(lengths, PRETRAIN_SEED, RUNS / "tokenizer"), strict=True):
         heads[i] = doc
     filler = [t for ids in chunk_ids for t in ids]  # the training Shakespeare, as one stream
     windows = exact_windows(tok, heads, filler, WINDOW)
@@ -259,13 +271,13 @@ def _pretrain_windows(tok, chunk_ids: list[list[int]]) -> list[str]:
 _BLOCK = 1000  # pass-key documents per worker call
 
 
-def _retrieval_docs(lengths: list[int], seed: int) -> list[str]:
+def _retrieval_docs(lengths: list[int], seed: int, tok_dir: Path) -> list[str]:
     """`retrieval_documents` for many lengths, in blocks of _BLOCK spread over the CPU
     cores (fitting haystacks is the slow part of preparing). Block b uses seed
     seed * 100 + b, so the documents do not depend on the number of cores."""
     from concurrent.futures import ProcessPoolExecutor
 
-    blocks = [(lengths[i:i + _BLOCK], seed * 100 + b, str(RUNS / "tokenizer"))
+    blocks = [(lengths[i:i + _BLOCK], seed * 100 + b, str(tok_dir))
               for b, i in enumerate(range(0, len(lengths), _BLOCK))]
     with ProcessPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1)) as pool:
         return [d for docs in pool.map(_retrieval_block, blocks) for d in docs]
