@@ -1,8 +1,10 @@
 """The paper's comparison: one ingest and analysis, then for each method (full,
 randomized, pose, longrecipe) its samples, training and evaluation with the same
 number of samples and optimizer steps (so the same number of target windows
-covered), then one report of scores and training cost relative to full-length
-training. Shared stages have the same keys, so they are computed once.
+covered), or at equal training FLOPs (`compare.flops_of`, or steps by hand with
+`compare.steps`: longrecipe.budget), then one report of scores and training cost
+relative to full-length training. Shared stages have the same keys, so they are
+computed once.
 
 The branches (the base model's evaluation, then one per method) run through
 Prefect's ThreadPoolTaskRunner, as many at a time as `compare.devices` names
@@ -23,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.pipeline import analysis_tasks
 from longrecipe.anneal import replay_build_config
 from longrecipe.artifacts import ArtifactStore
+from longrecipe.budget import method_budgets, method_config
 from longrecipe.config import PipelineConfig, RuntimeConfig, load_config
 from longrecipe.devices import DeviceSlots, branch_devices
 from tasks import publish, stages
@@ -67,7 +70,7 @@ def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> 
         return publish.about(cfg.name, cfg.model.source, what)
 
     out: dict[str, dict] = {"ingest": t["ingest"](cfg.ingest, cfg.model, **common, about=about())}
-    if "longrecipe" in cfg.compare.methods:
+    if "longrecipe" in cfg.compare.methods or cfg.train.loss_weights:
         out.update(analysis_tasks(t, cfg, out["ingest"], common, about))
     replay = None
     if cfg.compare.through == "merge":
@@ -106,11 +109,12 @@ def branch(name: str, cfg: PipelineConfig, store: str, runtime: RuntimeConfig, s
         if name == "base":
             return {"evaluation": t["evaluate"].with_options(task_run_name=f"evaluate-base{at}")(
                 cfg.evaluate, {"base": cfg.model}, documents, **common)}
-        bcfg = cfg.build.model_copy(update={"method": name})
+        mcfg = method_config(cfg, name, method_budgets(cfg)[name])  # its samples and steps
         samples = t["build"].with_options(task_run_name=f"build-{name}{at}")(
-            bcfg, documents, analysis if name == "longrecipe" else None, **common)
+            mcfg.build, documents, analysis if name == "longrecipe" else None, **common)
         model = trained = t["train"].with_options(task_run_name=f"train-{name}{at}")(
-            cfg.train, samples, cfg.model, **common)
+            mcfg.train, samples, cfg.model, **common,
+            analysis=analysis if cfg.train.loss_weights else None)
         if cfg.compare.through == "merge":
             annealed = t["anneal"].with_options(task_run_name=f"anneal-{name}{at}")(
                 cfg.anneal, trained, replay, **common)

@@ -71,7 +71,9 @@ def run_stages(cfg: PipelineConfig, store: str, runtime: RuntimeConfig, until: s
         analysis = out["analyze"] if method == "longrecipe" else None
         out["build"] = t["build"](cfg.build, out["ingest"], analysis, **common, about=about(method))
     if last >= 3:
-        out["train"] = t["train"](cfg.train, out["build"], cfg.model, **common, about=about(method))
+        weights_from = out["analyze"] if cfg.train.loss_weights else None  # LongCE
+        out["train"] = t["train"](cfg.train, out["build"], cfg.model, **common, about=about(method),
+                                  analysis=weights_from)
     if last >= 4:
         replay_docs = out["ingest"]
         if cfg.anneal.replay.sources:

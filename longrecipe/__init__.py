@@ -16,6 +16,7 @@ from longrecipe.artifacts import (  # noqa: E402
     StageWriter,
     stage_key,
 )
+from longrecipe.budget import MethodBudget, method_budgets  # noqa: E402
 from longrecipe.build import BuildError, check_samples, run_build  # noqa: E402
 from longrecipe.config import (  # noqa: E402
     AnalyzeConfig,
@@ -25,6 +26,7 @@ from longrecipe.config import (  # noqa: E402
     ConfigError,
     EvaluateConfig,
     IngestConfig,
+    LossWeightsConfig,
     MergeConfig,
     ModelSpec,
     OptimConfig,
@@ -68,7 +70,9 @@ __all__ = [
     "InvariantError",
     "LaunchConfigError",
     "LaunchError",
+    "LossWeightsConfig",
     "MergeConfig",
+    "MethodBudget",
     "MergeError",
     "ModelError",
     "ModelSpec",
@@ -92,6 +96,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "method_budgets",
     "pick_device",
     "plan_recipe",
     "resolve",

@@ -40,6 +40,8 @@ class Sample:
     sample_id: Any
     input_ids: np.ndarray
     position_ids: np.ndarray
+    weights: np.ndarray | None = None
+    """Loss weight of each token as a target (train.loss_weights), else None."""
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Batch:
     attention_mask: Any
     targets: Any
     kwargs: dict = field(default_factory=dict)
+    weights: Any = None
+    """Loss weight per target, aligned with `targets` (0 where IGNORE_INDEX); None: all 1."""
     n_labels: int = 0
     n_tokens: int = 0
     max_position: int = 0
@@ -63,6 +67,9 @@ def collate(samples: list[Sample], pad_id: int, device, *, packed: bool = False)
 
     lengths = [len(s.input_ids) for s in samples]
     targets = [np.concatenate([s.input_ids[1:], [IGNORE_INDEX]]) for s in samples]
+    weighted = samples[0].weights is not None
+    # the weight of the token each position predicts: weights[t + 1], none after the last
+    tw = [np.concatenate([s.weights[1:], [0.0]]).astype(np.float32) for s in samples] if weighted else None
     common = dict(
         n_labels=sum(k - 1 for k in lengths), n_tokens=sum(lengths),
         max_position=max(int(s.position_ids.max()) for s in samples),
@@ -75,7 +82,8 @@ def collate(samples: list[Sample], pad_id: int, device, *, packed: bool = False)
         cu_t = torch.from_numpy(cu).to(device)
         kwargs = {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t,
                   "max_length_q": max(lengths), "max_length_k": max(lengths)}
-        return Batch(ids, pos, None, tgt, kwargs, **common)
+        w = torch.from_numpy(np.concatenate(tw)[None]).to(device) if tw else None
+        return Batch(ids, pos, None, tgt, kwargs, w, **common)
     n = max(lengths)
     ids = np.full((len(samples), n), pad_id, dtype=np.int64)
     pos = np.zeros((len(samples), n), dtype=np.int64)
@@ -86,8 +94,14 @@ def collate(samples: list[Sample], pad_id: int, device, *, packed: bool = False)
         pos[i, :k] = s.position_ids
         mask[i, :k] = 1
         tgt[i, :k] = targets[i]
+    w = None
+    if tw:
+        wa = np.zeros((len(samples), n), dtype=np.float32)
+        for i, (x, k) in enumerate(zip(tw, lengths, strict=True)):
+            wa[i, :k] = x
+        w = torch.from_numpy(wa).to(device)
     ids, pos, mask, tgt = (torch.from_numpy(a).to(device) for a in (ids, pos, mask, tgt))
-    return Batch(ids, pos, mask, tgt, {}, **common)
+    return Batch(ids, pos, mask, tgt, {}, w, **common)
 
 
 class SampleStream:
@@ -99,10 +113,12 @@ class SampleStream:
     once per visit, never one row at a time from all over the table.
     """
 
-    def __init__(self, ref: ArtifactRef, seed: int):
+    def __init__(self, ref: ArtifactRef, seed: int, weights=None):
+        """`weights` (longrecipe.token_weights.TokenWeights) gives each sample its
+        per-token loss weights, from the sample's spans."""
         if "samples" not in ref.tables():
             raise TrainError(f"{ref.stage}/{ref.key} has no `samples` table to train on")
-        self.ref, self.seed = ref, seed
+        self.ref, self.seed, self.weights = ref, seed, weights
         self.files = ref.files("samples")
         self.rows = [f["rows"] for f in ref.manifest["files"] if f.get("table") == "samples"]
         self.total = sum(self.rows)
@@ -143,14 +159,14 @@ class SampleStream:
         if self._part is None or self._part[0] != part:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(
-                self.files[part], columns=["sample_id", "input_ids", "position_ids"],
-                filesystem=self.ref.fs,
-            )
+            columns = ["sample_id", "input_ids", "position_ids"]
+            t = pq.read_table(self.files[part], columns=columns + ["spans"] * bool(self.weights),
+                              filesystem=self.ref.fs)
             self._part = (part, {
                 "sample_id": t.column("sample_id").to_pylist(),
                 "input_ids": _offsets_values(t.column("input_ids")),
                 "position_ids": _offsets_values(t.column("position_ids")),
+                "spans": t.column("spans").to_pylist() if self.weights else None,
             })
         d = self._part[1]
         (ids_off, ids), (pos_off, pos) = d["input_ids"], d["position_ids"]
@@ -161,6 +177,8 @@ class SampleStream:
                 f"{self.ref.stage}/{self.ref.key}: sample {sid!r} has {len(s.input_ids)} "
                 f"input ids and {len(s.position_ids)} position ids (need equal, at least 2)"
             )
+        if self.weights is not None:
+            s.weights = self.weights.of(d["spans"][row], len(s.input_ids), sid)
         return s
 
 

@@ -485,6 +485,25 @@ class TrainConfig(Frozen):
     (build.target_len). Must not be below the base model's window."""
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the saved weights (training itself keeps fp32 master weights)."""
+    loss_weights: LossWeightsConfig | None = None
+    """Weight each label token's loss (LongCE); None: plain cross-entropy. Needs the
+    analysis artifact (lsd) as an input of the stage. Left out of the key when None, so
+    plain training keeps its keys."""
+
+
+class LossWeightsConfig(Frozen):
+    """LongCE-style token weights from the analysis the pipeline already stored: each label
+    token's cross-entropy times min(exp(LSD), cap), LSD being the lsd analysis's score of
+    that token (log-prob with long context minus with short context; LongCE computes it
+    online with the model being trained, we read the base model's). A token the analysis
+    did not score (a document beyond analyze.max_documents, the EOS between documents,
+    the first token of a document) gets weight 1, as a token whose LSD is 0. The loss is
+    the weighted sum over label tokens divided by their number, as LongCE's."""
+
+    kind: Literal["longce"] = "longce"
+    """The weighting rule (LongCE's is the one there is)."""
+    cap: float = Field(5.0, ge=1.0)
+    """Largest weight: min(exp(LSD), cap); LongCE's is 5."""
 
 
 class AnnealConfig(Frozen):
@@ -612,6 +631,23 @@ class CompareConfig(Frozen):
     the run uses CUDA, else N CPU slots), or None (one branch after another on the run's
     device). Where a branch runs never changes what it makes: the artifacts and their
     keys are those of the sequential run."""
+    flops_of: Literal["full", "randomized", "pose", "longrecipe"] | None = None
+    """Equal compute: every method gets the stage-0 training FLOPs of this method at
+    train.optim.max_steps (its steps, and its samples with them, scaled by the ratio of
+    FLOPs per step; longrecipe.budget). None: the same samples and steps for every method."""
+    steps: dict[str, int] = {}
+    """Optimizer steps of a method's stage 0 by hand (`{full: 40}`), over flops_of and
+    max_steps; its samples scale with them."""
+
+    @model_validator(mode="after")
+    def _steps(self) -> CompareConfig:
+        bad = [m for m in self.steps if m not in ("full", "randomized", "pose", "longrecipe")]
+        if bad:
+            raise ValueError(f"compare.steps: {bad[0]!r} is not a method "
+                             "(full, randomized, pose, longrecipe)")
+        if any(v < 1 for v in self.steps.values()):
+            raise ValueError("compare.steps: steps must be at least 1")
+        return self
 
     @model_validator(mode="after")
     def _devices(self) -> CompareConfig:
@@ -702,6 +738,7 @@ class RuntimeConfig(Frozen):
 # come later in this file.
 ReferenceTrainingConfig.model_rebuild()
 AnalyzeConfig.model_rebuild()
+TrainConfig.model_rebuild()
 PipelineConfig.model_rebuild()
 
 

@@ -79,8 +79,10 @@ def train_model(
     save_dtype: str,
     label: str,
     launched: bool = False,
+    weights=None,
 ) -> None:
-    """Load, (re)configure RoPE, fit, save the HF folder and metrics: the body of train and anneal."""
+    """Load, (re)configure RoPE, fit, save the HF folder and metrics: the body of train and
+    anneal. `weights` (longrecipe.token_weights.TokenWeights): LongCE loss weights."""
     from longrecipe.rope import apply_rope
 
     with torch_threads(runtime.threads), quiet_transformers():
@@ -90,7 +92,8 @@ def train_model(
         if target is not None:
             check_target(target, window)
         rope_params = apply_rope(model, rope, target, training=True)
-        result = fit(model, samples, optim, w, runtime, acc, label=label, attention=attention)
+        result = fit(model, samples, optim, w, runtime, acc, label=label, attention=attention,
+                     weights=weights)
         # gathering a sharded model is collective: every process takes part
         full_state = acc.get_state_dict(result.model) if sharded(acc) else None
         if acc.is_main_process:
@@ -116,6 +119,10 @@ def train_model(
             resumed_from_step=result.resumed_from,
             max_position_seen=max((m["max_position"] for m in result.metrics), default=0),
         )
+        if weights is not None:
+            # LongCE: what share of the weighted tokens had a score, and the mean weight
+            w.info.update(loss_weights_coverage=round(weights.coverage, 6),
+                          loss_weight_mean=round(result.weight_mean, 6))
         acc.end_training()
 
 
@@ -145,10 +152,12 @@ class FitResult:
     metrics: list[dict]
     final_lr: float
     resumed_from: int = 0
+    weight_mean: float = 1.0
+    """Mean loss weight over the label tokens of this process's steps (1 without weights)."""
 
 
 def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime: RuntimeConfig,
-        acc, *, label: str = "train", attention: str = "sdpa") -> FitResult:
+        acc, *, label: str = "train", attention: str = "sdpa", weights=None) -> FitResult:
     """The training loop. Returns the (prepared) model and one metrics row per optimizer step."""
     import torch
 
@@ -156,7 +165,8 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
     from longrecipe.loss import chunked_nll_sum
 
     torch.manual_seed(optim.seed)
-    stream = SampleStream(samples, optim.seed)
+    stream = SampleStream(samples, optim.seed, weights)
+    weight_sum, weight_labels = 0.0, 0
     model.train()
     model.config.use_cache = False
     if optim.gradient_checkpointing:
@@ -209,9 +219,13 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
                     with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=autocast):
                         hidden = forward_hidden(model, b.input_ids, b.position_ids, b.attention_mask,
                                                 decoder=decoder, **b.kwargs)
-                        nll = chunked_nll_sum(hidden, b.targets, head, optim.loss_chunk_tokens)
+                        nll = chunked_nll_sum(hidden, b.targets, head, optim.loss_chunk_tokens,
+                                              b.weights)
                     acc.backward(nll * scale)
                 nll_sum += nll.detach()
+                if b.weights is not None:
+                    weight_sum += float(b.weights.sum())
+                    weight_labels += b.n_labels
             assert acc.sync_gradients, "micro-batches out of step with gradient accumulation"
             grad_norm = acc.clip_grad_norm_(params, max_norm)
             lr = sched.get_last_lr()[0]
@@ -245,7 +259,8 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
                 save_checkpoint(w.scratch, state, acc, model, opt, sched)
             if runtime.kill_at_step == state.step and acc.is_main_process:
                 os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a hard kill mid-run
-    return FitResult(model, state.metrics, float(sched.get_last_lr()[0]), resumed_from)
+    return FitResult(model, state.metrics, float(sched.get_last_lr()[0]), resumed_from,
+                     weight_sum / weight_labels if weight_labels else 1.0)
 
 
 def check_window(micro: list[list[Sample]], window: int, samples: ArtifactRef) -> None:

@@ -19,30 +19,43 @@ from torch.utils.checkpoint import checkpoint
 from longrecipe.batches import IGNORE_INDEX
 
 
-def chunked_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head, chunk_tokens: int) -> torch.Tensor:
-    """Sum over label tokens of -log p(target | hidden state), in fp32.
+def chunked_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head, chunk_tokens: int,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over label tokens of -log p(target | hidden state), in fp32; with `weights`
+    (aligned with targets) each token's term is multiplied by its weight (LongCE).
 
     hidden [..., d] and targets [...] are aligned (targets[t] is what hidden[t]
     predicts, IGNORE_INDEX where nothing); `head` maps hidden -> logits.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
+    w = weights.reshape(-1) if weights is not None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, t.numel(), chunk_tokens):
         rows = slice(start, start + chunk_tokens)
+        args = (h[rows], t[rows], head) if w is None else (h[rows], t[rows], head, w[rows])
+        fn = _nll_sum if w is None else _weighted_nll_sum
         if torch.is_grad_enabled() and h.requires_grad:
-            part = checkpoint(_nll_sum, h[rows], t[rows], head, use_reentrant=False)
+            part = checkpoint(fn, *args, use_reentrant=False)
         else:
-            part = _nll_sum(h[rows], t[rows], head)
+            part = fn(*args)
         total = total + part
     return total
 
 
-def full_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+def full_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """The same sum from logits of every row at once (the reference the chunks must equal)."""
-    return _nll_sum(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), head)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    return _nll_sum(h, t, head) if weights is None else _weighted_nll_sum(h, t, head, weights.reshape(-1))
 
 
 def _nll_sum(h: torch.Tensor, t: torch.Tensor, head) -> torch.Tensor:
     logits = head(h)
     return F.cross_entropy(logits.float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _weighted_nll_sum(h: torch.Tensor, t: torch.Tensor, head, w: torch.Tensor) -> torch.Tensor:
+    logits = head(h)
+    nll = F.cross_entropy(logits.float(), t, ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll * w.float()).sum()

@@ -40,11 +40,23 @@ STAGE = "train"
 STAGE_VERSION = "train_v2"
 
 
-def train_spec(cfg: TrainConfig, samples: ArtifactRef, model: ModelSource) -> StageSpec:
+def train_spec(cfg: TrainConfig, samples: ArtifactRef, model: ModelSource,
+               analysis: ArtifactRef | None = None) -> StageSpec:
     """The stage's identity: its config without the fields that only say how it is run
-    (processes, accelerate file, loss chunks), its version and its inputs."""
-    return StageSpec(STAGE, STAGE_VERSION, config_digest(cfg),
-                     {"samples": samples.key, "model": model.key})
+    (processes, accelerate file, loss chunks), its version and its inputs; with LongCE
+    loss weights (train.loss_weights) the analysis they come from is an input too."""
+    config = config_digest(cfg)
+    inputs = {"samples": samples.key, "model": model.key}
+    if cfg.loss_weights is None:
+        config.pop("loss_weights")  # plain training keeps the keys it had before the field
+    else:
+        if analysis is None:
+            raise TrainError(
+                "train.loss_weights (LongCE) needs the analysis artifact whose scores weight the "
+                "loss: run the analyze stage (analyze.method=lsd) and pass it to train"
+            )
+        inputs["analysis"] = analysis.key
+    return StageSpec(STAGE, STAGE_VERSION, config, inputs)
 
 
 def run_train(
@@ -53,31 +65,40 @@ def run_train(
     model: ModelSpec | ModelSource | ArtifactRef,
     store: ArtifactStore,
     runtime: RuntimeConfig = RuntimeConfig(),
+    analysis: ArtifactRef | None = None,
 ) -> ArtifactRef:
-    """Train `model` on `samples` with the RoPE change and target window of `cfg`."""
-    return _run_train(cfg, samples, model, store, runtime, job=None)
+    """Train `model` on `samples` with the RoPE change and target window of `cfg`;
+    `analysis` (an lsd analysis of the samples' documents) when cfg.loss_weights is set."""
+    return _run_train(cfg, samples, model, store, runtime, analysis, job=None)
 
 
 def run_launched(job: Job) -> ArtifactRef:
     """One process of a launched train run (longrecipe.launched's entry)."""
     cfg = TrainConfig.model_validate(job.config)
-    return _run_train(cfg, job.inputs["samples"], job.inputs["model"], job.store, job.runtime, job=job)
+    return _run_train(cfg, job.inputs["samples"], job.inputs["model"], job.store, job.runtime,
+                      job.inputs.get("analysis"), job=job)
 
 
-def _run_train(cfg, samples, model, store, runtime, *, job: Job | None) -> ArtifactRef:
+def _run_train(cfg, samples, model, store, runtime, analysis=None, *, job: Job | None) -> ArtifactRef:
     src = as_source(model)
     check_weights(src)
-    spec = train_spec(cfg, samples, src)
+    spec = train_spec(cfg, samples, src, analysis)
     target = target_window(cfg, samples)
     check_target(target, base_window(src))
+    weights = None
+    if cfg.loss_weights is not None:  # checked before any process starts
+        from longrecipe.token_weights import TokenWeights
+
+        weights = TokenWeights(analysis, cfg.loss_weights, samples)
     if job is None and needs_launch(cfg.optim, runtime):
-        return launch_training(spec, cfg, {"samples": samples, "model": model}, store, runtime)
+        inputs = {"samples": samples, "model": model} | ({"analysis": analysis} if weights else {})
+        return launch_training(spec, cfg, inputs, store, runtime)
 
     def body(w: StageWriter) -> None:
         train_model(
             src, samples, cfg.optim, w, runtime,
             rope=cfg.rope, target=target, save_dtype=cfg.save_dtype, label=STAGE,
-            launched=job is not None,
+            launched=job is not None, weights=weights,
         )
 
     return produce(store, spec, body, job)

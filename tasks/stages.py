@@ -110,19 +110,21 @@ def build(cfg: BuildConfig, documents: RefDict, analysis: RefDict | None, store:
 def _train_spec(store, p):
     from longrecipe.train import train_spec
 
-    return train_spec(p["cfg"], load_ref(store, p["samples"]), resolve(p["model"]))
+    return train_spec(p["cfg"], load_ref(store, p["samples"]), resolve(p["model"]),
+                      load_ref(store, p.get("analysis")))
 
 
 @task(name="train", task_run_name="train", **stage_task_options(_train_spec))
 def train(cfg: TrainConfig, samples: RefDict, model: ModelSpec, store: str, runtime: RuntimeConfig,
-        about: About | None = None) -> RefDict:
-    """Context-extension training on the samples (stage 0)."""
+          about: About | None = None, analysis: RefDict | None = None) -> RefDict:
+    """Context-extension training on the samples (stage 0); `analysis` gives the LongCE
+    loss weights when train.loss_weights is set."""
     from longrecipe.train import run_train
 
     maybe_fail("train", store)
     s = ArtifactStore(store)
     with stage_progress():
-        ref = run_train(cfg, load_ref(s, samples), model, s, runtime)
+        ref = run_train(cfg, load_ref(s, samples), model, s, runtime, load_ref(s, analysis))
     publish_summary(ref, about)
     return ref_dict(ref)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from longrecipe import IngestConfig, SourceSpec, load_config, run_ingest
+from longrecipe import ArtifactStore, IngestConfig, SourceSpec, load_config, run_ingest
 from longrecipe.evaluate import niah
 from longrecipe.models import byte_tokenizer
 from longrecipe.synthetic import ANSWER_SUFFIX, retrieval_documents, write_retrieval_corpus
@@ -21,6 +21,7 @@ STUDY = ROOT / "studies" / "extension"
 sys.path.insert(0, str(STUDY))
 
 import prepare  # noqa: E402
+import run as run_mod  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,11 @@ SMOKE = [
     "--set-study", "train.optim.warmup_steps=1", "--set-study", "anneal.optim.max_steps=2",
     "--set-study", "analyze.max_documents=8", "--set-study", "evaluate.niah_samples=1",
     "--set-study", "evaluate.depths=2", "--set-study", "evaluate.max_documents=2",
+    # round 2 in miniature: every setting, H' of the paper's analysis in 2 steps
+    "--set-round2", "longrecipe-logit_delta:analyze.reference_training.build.num_samples=4",
+    "--set-round2", "longrecipe-logit_delta:analyze.reference_training.train.optim.max_steps=2",
+    "--set-round2", "longrecipe-logit_delta:analyze.reference_training.train.optim.batch_size=2",
+    "--set-round2", "longrecipe-logit_delta:analyze.reference_training.train.optim.warmup_steps=1",
 ]
 
 
@@ -206,6 +212,18 @@ def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
                     "Training cost"):
         assert heading in md
     assert "| LongRecipe + anneal + merge |" in md
+    round2 = json.loads((runs / "evaluations-round2.json").read_text())
+    assert set(round2) == set(run_mod.ROUND2)
+    store = ArtifactStore(runs / "store")
+    steps = {name: store.require("train", r["training"]).info["steps"] for name, r in round2.items()}
+    assert steps["full@lr-flops"] < 3 < steps["longrecipe@full-flops"]  # equal FLOPs, both ways
+    assert steps["longrecipe+longce"] == steps["longrecipe-digits"] == 3
+    longce = store.require("train", round2["full+longce"]["training"])
+    assert "analysis" in longce.manifest["inputs"] and longce.info["loss_weights_coverage"] > 0
+    delta = store.require("build", round2["longrecipe-logit_delta"]["samples"])
+    analysis = store.require("analyze", delta.manifest["inputs"]["analysis"])
+    assert analysis.manifest["config"]["method"] == "logit_delta" and "reference" in analysis.manifest["inputs"]
+    assert "## Round 2" in md and "| longrecipe-keep0.25 |" in md
     assert {p.name for p in results.iterdir()} >= {"results.json", "niah_accuracy.png", "perplexity.png"}
 
     out2, artifacts2 = run()

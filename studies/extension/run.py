@@ -99,6 +99,33 @@ WINDOW = 256  # the base model's window (pretraining documents are exactly this 
 PRETRAIN_SEED = 1001  # pass-key documents of the pretraining corpus
 GATE = 0.9  # NIAH accuracy at 256 the base model must reach before extension
 
+# Round 2 (docs/study.md): one method per compare run, through stage 0, beside the
+# equal-steps comparison; shared stages (ingest, the lsd analysis, the base evaluation)
+# come from the store. Name -> overrides of the study recipe.
+_LOGIT_DELTA = [
+    # the paper's analysis: H' is the base after a short long-context (full, 1,024) training,
+    # both models read at the target length; the type statistic flags the top 20% of types
+    "analyze.method=logit_delta", "analyze.max_context=1024",
+    "analyze.reference_training={build: {method: full, target_len: 1024, num_samples: 160, "
+    "shard_samples: 16}, train: {optim: {lr: 1.0e-3, schedule: cosine, warmup_steps: 2, "
+    "max_steps: 20, batch_size: 8, precision: bf16, seed: 2027}}}",
+]
+ROUND2: dict[str, list[str]] = {
+    # equal compute: the other method's stage-0 FLOPs
+    "full@lr-flops": ["compare.methods=[full]", "compare.flops_of=longrecipe"],
+    "longrecipe@full-flops": ["compare.methods=[longrecipe]", "compare.flops_of=full"],
+    # the analysis rule behind LongRecipe's sentences
+    "longrecipe-logit_delta": ["compare.methods=[longrecipe]", *_LOGIT_DELTA],
+    "longrecipe-digits": ["compare.methods=[longrecipe]", "analyze.method=digits"],
+    # LongCE-weighted loss (cap 5) from the lsd analysis's scores
+    "longrecipe+longce": ["compare.methods=[longrecipe]", "train.loss_weights={cap: 5.0}"],
+    "full+longce": ["compare.methods=[full]", "train.loss_weights={cap: 5.0}"],
+    # keep_ratio of the non-impactful sentences (lsd)
+    "longrecipe-keep0.25": ["compare.methods=[longrecipe]", "build.keep_ratio=0.25"],
+    "longrecipe-keep0.5": ["compare.methods=[longrecipe]", "build.keep_ratio=0.5"],
+    "longrecipe-keep1.0": ["compare.methods=[longrecipe]", "build.keep_ratio=1.0"],
+}
+
 # Set by main() from --scale, --runs, --set-pretrain and --set-study.
 S: Scale = SCALES["cpu"]
 PRETRAIN_SET: list[str] = []
@@ -118,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a shared 2-core machine)")
-    p.add_argument("--until", choices=["prepare", "pretrain", "train", "merge", "summarize"],
+    p.add_argument("--until", choices=["prepare", "pretrain", "train", "merge", "round2", "summarize"],
                    default="summarize")
+    p.add_argument("--round2", default=",".join(ROUND2), metavar="NAMES",
+                   help="the round-2 settings to run, comma-separated (default: all; '' none): "
+                        + ", ".join(ROUND2))
+    p.add_argument("--set-round2", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                   help="override a field of every round-2 setting (or of setting NAME only), "
+                        "after its own (repeatable)")
     p.add_argument("--no-gate", action="store_true",
                    help="go on to the extension even when the base model misses the NIAH gate")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
@@ -147,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prefect_env(str(STORE))
     t0 = time.perf_counter()
-    steps = ["prepare", "pretrain", "train", "merge", "summarize"]
+    steps = ["prepare", "pretrain", "train", "merge", "round2", "summarize"]
     for step in steps[: steps.index(args.until) + 1]:
         started = time.perf_counter()
         log(f"{step} ...")
@@ -337,6 +370,40 @@ def step_merge(args) -> None:
     _compare("merge", args.engine)
 
 
+def step_round2(args) -> None:
+    """Each ROUND2 setting as its own compare run through stage 0; a record of what it made
+    (runs/evaluations-round2.json) for summarize.py."""
+    import json
+
+    from longrecipe import ArtifactStore
+
+    names = [n for n in args.round2.split(",") if n]
+    unknown = [n for n in names if n not in ROUND2]
+    if unknown:
+        raise SystemExit(f"--round2: unknown setting {unknown[0]!r}; choose from {', '.join(ROUND2)}")
+    store = ArtifactStore(STORE)
+    record = {}
+    for name in names:
+        mine = [_for_setting(o, name) for o in args.set_round2 if _for_setting(o, name)]
+        overrides = ["compare.through=train", *ROUND2[name], *mine]
+        out = _run_compare(overrides, args.engine)
+        (method,) = _study_cfg(overrides).compare.methods
+        train = store.require("train", out[f"model-{method}"]["key"])
+        record[name] = {"method": method, "overrides": ROUND2[name], "training": train.key,
+                        "samples": train.manifest["inputs"]["samples"],
+                        "evaluation": out["evaluations"][-1]["key"]}
+        log(f"round 2 {name}: train/{train.key}, {train.info.get('steps')} steps")
+    (RUNS / "evaluations-round2.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _for_setting(override: str, name: str) -> str | None:
+    """`NAME:KEY=VALUE` is for setting NAME only; `KEY=VALUE` for every setting."""
+    head, sep, rest = override.partition(":")
+    if sep and head in ROUND2:
+        return rest if head == name else None
+    return override
+
+
 def step_summarize(args) -> None:
     import summarize
 
@@ -381,13 +448,7 @@ def _compare(through: str, engine: str) -> None:
     from longrecipe import ArtifactStore
 
     overrides = [f"compare.through={through}"]
-    if engine == "prefect":
-        from flows.compare import compare
-
-        out = compare(config=str(HERE / S.study), overrides=STUDY_SET + overrides, store=str(STORE),
-                      device=S.device)
-    else:
-        out = _compare_library(overrides)
+    out = _run_compare(overrides, engine)
     cfg = _study_cfg()
     store = ArtifactStore(STORE)
     record = {"evaluations": out["evaluations"], "report": out["report"], "trainings": {},
@@ -404,6 +465,15 @@ def _compare(through: str, engine: str) -> None:
     log(f"compare {overrides}: report {out['report']['uri']}")
 
 
+def _run_compare(overrides: list[str], engine: str) -> dict:
+    if engine == "prefect":
+        from flows.compare import compare
+
+        return compare(config=str(HERE / S.study), overrides=STUDY_SET + overrides, store=str(STORE),
+                       device=S.device)
+    return _compare_library(overrides)
+
+
 def _compare_library(overrides: list[str]) -> dict:
     """flows/compare.py's compare_methods, stage for stage, as plain library calls (no
     Prefect): the same configs reach the same run_<stage> functions, so every artifact
@@ -411,6 +481,7 @@ def _compare_library(overrides: list[str]) -> dict:
     from longrecipe import ArtifactStore, RuntimeConfig, replay_build_config
     from longrecipe.analyze import run_analyze
     from longrecipe.anneal import run_anneal
+    from longrecipe.budget import method_budgets, method_config
     from longrecipe.build import run_build
     from longrecipe.evaluate import run_evaluate
     from longrecipe.ingest import run_ingest
@@ -422,13 +493,22 @@ def _compare_library(overrides: list[str]) -> dict:
     store = ArtifactStore(STORE)
     rt = RuntimeConfig(device=S.device, progress=False)
     docs = run_ingest(cfg.ingest, cfg.model, store, rt)
-    analysis = run_analyze(cfg.analyze, docs, cfg.model, store, rt) if "longrecipe" in cfg.compare.methods else None
+    analysis = None
+    if "longrecipe" in cfg.compare.methods or cfg.train.loss_weights:
+        reference = None
+        if cfg.analyze.method == "logit_delta" and cfg.analyze.reference_training is not None:
+            rt_cfg = cfg.analyze.reference_training
+            ref_samples = run_build(rt_cfg.build, docs, None, store, rt)
+            reference = run_train(rt_cfg.train, ref_samples, cfg.model, store, rt)
+        analysis = run_analyze(cfg.analyze, docs, cfg.model, store, rt, reference=reference)
     evaluations = [run_evaluate(cfg.evaluate, {"base": cfg.model}, store, rt, documents=docs)]
     trainings, out, replay = {}, {}, None
+    budgets = method_budgets(cfg)
     for method in cfg.compare.methods:
-        bcfg = cfg.build.model_copy(update={"method": method})
-        samples = run_build(bcfg, docs, analysis if method == "longrecipe" else None, store, rt)
-        model = trainings[method] = run_train(cfg.train, samples, cfg.model, store, rt)
+        mcfg = method_config(cfg, method, budgets[method])
+        samples = run_build(mcfg.build, docs, analysis if method == "longrecipe" else None, store, rt)
+        model = trainings[method] = run_train(mcfg.train, samples, cfg.model, store, rt,
+                                              analysis if cfg.train.loss_weights else None)
         if cfg.compare.through == "merge":
             replay = replay or run_build(replay_build_config(cfg), docs, None, store, rt)
             annealed = run_anneal(cfg.anneal, model, replay, store, rt)

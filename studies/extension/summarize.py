@@ -88,7 +88,15 @@ def load(store_dir: Path) -> dict:
                 rows[(variant, r["suite"], r["length"])].append(r)
     if not evals:
         raise SystemExit(f"no runs/evaluations-*.json beside {store_dir}: run run.py first")
-    return {"rows": rows, "evals": evals, "store": store}
+    round2 = {}
+    f = store_dir.parent / "evaluations-round2.json"
+    if f.exists():  # one evaluation per setting; its rows go under the setting's name
+        round2 = json.loads(f.read_text())
+        for name, r2 in round2.items():
+            for r in store.require("evaluate", r2["evaluation"]).read_table("eval_results").to_pylist():
+                if r["model"] != "base":
+                    rows[(name, r["suite"], r["length"])].append(r)
+    return {"rows": rows, "evals": evals, "store": store, "round2": round2}
 
 
 # Parts of the evaluation's needle and answer sentences (longrecipe.evaluate.niah), short
@@ -100,24 +108,27 @@ ANSWER_RE = re.compile(r"for (\S+) mentioned in the provided text is (\d{7})")
 def retrieval_pairs(data: dict) -> list[dict]:
     """What each method's training samples teach about retrieval: how many hold a complete
     pass-key answer, and how many of those also hold its needle (a usable example)."""
+    return [dict(method=method, **samples_pairs(data["store"], key))
+            for method, key in _stage0(data)["trainings"].items()]
+
+
+def samples_pairs(store, train_key: str) -> dict:
+    """Samples, pass-key answers and answers whose needle is in the same sample, in the
+    samples a training artifact was trained on."""
     from transformers import AutoTokenizer
 
-    store = data["store"]
-    out = []
-    for method, key in _stage0(data)["trainings"].items():
-        train = store.require("train", key)
-        samples = store.require("build", train.manifest["inputs"]["samples"])
-        tok = AutoTokenizer.from_pretrained(str(train.path / "files" / "model"))
-        n = answers = paired = 0
-        for ids in samples.read_table("samples").column("input_ids").to_pylist():
-            n += 1
-            text = tok.decode(ids)
-            needles = set(NEEDLE_RE.findall(text))
-            for a in ANSWER_RE.findall(text):
-                answers += 1
-                paired += a in needles
-        out.append(dict(method=method, samples=n, answers=answers, paired=paired))
-    return out
+    train = store.require("train", train_key)
+    samples = store.require("build", train.manifest["inputs"]["samples"])
+    tok = AutoTokenizer.from_pretrained(str(train.path / "files" / "model"))
+    n = answers = paired = 0
+    for ids in samples.read_table("samples").column("input_ids").to_pylist():
+        n += 1
+        text = tok.decode(ids)
+        needles = set(NEEDLE_RE.findall(text))
+        for a in ANSWER_RE.findall(text):
+            answers += 1
+            paired += a in needles
+    return dict(samples=n, answers=answers, paired=paired)
 
 
 def _stage0(data: dict) -> dict:
@@ -235,6 +246,50 @@ def label(v: str) -> str:
     name, _, through = v.partition("/")
     suffix = {"train": "", "merge": " + anneal + merge"}.get(through, "")
     return NAMES.get(name, name) + suffix
+
+
+def round2_section(data: dict, rows, long: list[int], rng, md: list[str]) -> dict:
+    """Round 2: each setting's stage 0 beside the equal-steps runs: its cost, its NIAH
+    accuracy beyond the window, paired differences on the same prompts, and how many of
+    its samples' pass-key answers keep their needle."""
+    from longrecipe.report import training_cost
+
+    store = data["store"]
+    ref = {m: training_cost(m, store.require("train", k), store)
+           for m, k in _stage0(data)["trainings"].items()}
+    full_flops = ref["full"]["flops"] if "full" in ref else None
+    md += [f"## Round 2: equal compute, analysis rules, LongCE, keep_ratio (stage 0; NIAH "
+           f"pooled over {', '.join(map(str, long))})", "",
+           "Differences are paired on the same prompts against the equal-steps runs above, "
+           "bootstrap 95% CI. FLOPs vs full: against full-length training at equal steps.", "",
+           "| setting | steps | FLOPs vs full | seconds | NIAH pooled % [Wilson CI] | "
+           "vs LongRecipe (points) | vs full (points) | answers with needle |",
+           "|---|---|---|---|---|---|---|---|"]
+    out = {}
+    for name, r2 in data["round2"].items():
+        c = training_cost(r2["method"], store.require("train", r2["training"]), store)
+        rs = [r for n in long for r in rows.get((name, "niah", n), [])]
+        k = sum(r["score"] for r in rs) / 100
+        lo, hi = wilson(k, len(rs)) if rs else (0.0, 0.0)
+        acc = k / len(rs) if rs else None
+        d_lr = paired_difference(rows, name, "longrecipe/train", long, rng)
+        d_full = paired_difference(rows, name, "full/train", long, rng)
+        pairs = samples_pairs(store, r2["training"])
+        out[name] = dict(method=r2["method"], steps=c["steps"], flops=c["flops"],
+                         seconds=c["seconds"], acc=acc, lo=lo, hi=hi, vs_longrecipe=d_lr,
+                         vs_full=d_full, pairs=pairs)
+
+        def fmt(d):
+            return "-" if d is None else f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+        md.append(
+            f"| {name} | {c['steps']} | "
+            f"{c['flops'] / full_flops:.2f} | " if full_flops else f"| {name} | {c['steps']} | - | ")
+        md[-1] += (f"{c['seconds']:.0f} | "
+                   + (f"{100 * acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]" if acc is not None else "-")
+                   + f" | {fmt(d_lr)} | {fmt(d_full)} | {pairs['paired']:,} of {pairs['answers']:,} |")
+    md.append("")
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -433,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", f"Annealing (stages 1-2, the same for every method): {a['anneal_seconds']:.0f} s, "
                f"{a['anneal_flops'] / 1e12:.3f} TFLOPs each."]
     md.append("")
+    round2 = round2_section(data, rows, long, rng, md) if data["round2"] else {}
     (results / "results.md").write_text("\n".join(md) + "\n")
 
     plot_lines({v: niah for v in variants}, lengths, "NIAH accuracy (%)",
@@ -448,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity_ratios": ratios,
         "costs": cost_rows,
         "retrieval_pairs": pairs,
+        "round2": round2,
         "label": run_label(data),
         "evaluations": data["evals"],
     }, indent=1, default=str) + "\n")
