@@ -99,6 +99,7 @@ def test_prefect_report_markdown_references_no_local_file(comparison, monkeypatc
     assert len([t for t in targets if t.startswith("data:image/png;base64,")]) == 3
     assert all(t.startswith(("data:", "http://", "https://")) for t in targets), targets
     assert not re.search(r"\]\((?!data:|https?://)", md)
+    assert "In the store:" in md and "links relative" not in md  # the links are gone, so is their note
     assert key == "tiny-report-comparison" and "Report" in description and "recipe tiny" in description
     # the same text a user reads, figures embedded
     assert embedded_markdown((report.path / "files" / "report.md").read_text(),
@@ -121,3 +122,4 @@ def test_stage_artifacts_are_named_for_recipe_method_and_model(comparison, monke
     assert md.startswith("# Stage 0 (extension) training, PoSE: recipe demo, model passkey-llama-256")
     assert "passkey-llama-256" in description and "PoSE" in description and train.key in description
     assert "Reused" in md2 and description2.startswith("Reused (Cached): ") and "Reused" not in md
+
