@@ -88,7 +88,7 @@ def publish_evaluation(ref: ArtifactRef, about: About | None, reused: bool = Fal
     publish_summary(ref, about, reused)
     try:
         create_table_artifact(score_table(ref), key=artifact_key("scores", about),
-                              description=f"Scores: {_description(ref, about, reused)}")
+                              description=_description(ref, about, reused, "Scores of "))
     except Exception as e:  # a nicety, never a failure
         _warn(f"could not create the score table artifact: {e}")
 
@@ -151,7 +151,8 @@ def quiet_hook_lines() -> None:
 quiet_hook_lines()
 
 
-def _description(ref: ArtifactRef, about: About | None, reused: bool) -> str:
+def _description(ref: ArtifactRef, about: About | None, reused: bool, what: str = "") -> str:
+    """'Reused (Cached): ' first where reused (the card's first words), then what it is."""
     info = ref.manifest.get("info", {})
     facts = []
     if ref.stage in ("train", "anneal") and "steps" in info:
@@ -160,7 +161,7 @@ def _description(ref: ArtifactRef, about: About | None, reused: bool) -> str:
         if t in ("documents", "samples", "eval_results"):
             facts.append(f"{v['rows']:,} {t.replace('_', ' ')}")
     facts.append(f"{ref.manifest['timings']['seconds']:.0f} s")
-    return (("Reused (Cached): " if reused else "") + f"**{title(ref, about)}**. " + ", ".join(facts)
+    return (("Reused (Cached): " if reused else "") + f"{what}**{title(ref, about)}**. " + ", ".join(facts)
             + f"; `{ref.stage}/{ref.key}`")
 
 
