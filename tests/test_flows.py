@@ -129,6 +129,11 @@ def test_uninterrupted_run_then_everything_cached(reference):
             "tiny-train-longrecipe", "tiny-anneal-longrecipe", "tiny-merge-longrecipe",
             "tiny-evaluate", "tiny-scores", "tiny-report"} <= got, got
     assert all(d.startswith("Reused (Cached): ") for _, d in arts), arts
+    # its log says what each reused stage republished, without Prefect's two lines per
+    # stage around the hook that does it
+    logs = [m for (m,) in newest_run(tmp, "SELECT message FROM log WHERE flow_run_id = ?")]
+    assert not any("when_cached" in m for m in logs), logs
+    assert sum(m.startswith("reused ") and "published again" in m for m in logs) == len(states), logs
     # the end of a terminal run: the scores at a glance and where the report is
     assert "| model |" not in r.stdout and "NIAH 512" in r.stdout and "merged" in r.stdout
     report = next(ArtifactStore(tmp / "store").iter_refs("report"))

@@ -99,6 +99,7 @@ def test_prefect_report_markdown_references_no_local_file(comparison, monkeypatc
     assert len([t for t in targets if t.startswith("data:image/png;base64,")]) == 3
     assert all(t.startswith(("data:", "http://", "https://")) for t in targets), targets
     assert not re.search(r"\]\((?!data:|https?://)", md)
+    assert "In the store:" in md and "links relative" not in md  # the links are gone, so is their note
     assert key == "tiny-report-comparison" and "Report" in description and "recipe tiny" in description
     # the same text a user reads, figures embedded
     assert embedded_markdown((report.path / "files" / "report.md").read_text(),
@@ -121,3 +122,32 @@ def test_stage_artifacts_are_named_for_recipe_method_and_model(comparison, monke
     assert md.startswith("# Stage 0 (extension) training, PoSE: recipe demo, model passkey-llama-256")
     assert "passkey-llama-256" in description and "PoSE" in description and train.key in description
     assert "Reused" in md2 and description2.startswith("Reused (Cached): ") and "Reused" not in md
+
+
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")
+def test_run_log_has_no_hook_lines_per_stage_but_keeps_its_errors():
+    """Prefect logs 'Running hook ...' and '... finished running successfully' at INFO for
+    every stage task (each has the when_cached hook): seen in the UI's log, two lines of
+    noise per stage. They are filtered on Prefect's task-run logger, also after Prefect
+    sets its logging up again; the hook's errors and other lines pass."""
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    import tasks.publish  # noqa: F401  installs the filter, as the stage tasks do
+
+    setup_logging()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        logger.info("Running hook 'when_cached' in response to entering state 'Completed'")
+        logger.info("Hook 'when_cached' finished running successfully")
+        logger.info("Finished in state Cached(type=COMPLETED)")
+        logger.error("An error was encountered while running hook 'when_cached'")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Finished in state Cached(type=COMPLETED)",
+                    "An error was encountered while running hook 'when_cached'"]

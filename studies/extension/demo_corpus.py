@@ -7,9 +7,10 @@ from `longrecipe.synthetic.retrieval_documents`, mixed by the extension study's 
 recipe (run.py: `extension_corpus`, the `demo` scale) with the shipped base model's
 tokenizer (models/passkey-llama-256, the tokenizer the study trained). Every step is
 seeded, so the file's texts are those the model card and README's figures were
-measured on; `TEXTS_SHA256` records them and a different result is an error (a
-changed package or tokenizer would change what `make demo` measures). An existing
-file whose texts match is kept.
+measured on; models/passkey-llama-256/corpus.json records their sha256 (written by
+ship_demo.py from the study's own copy) and a different result is an error (a changed
+package or tokenizer would change what `make demo` measures). An existing file whose
+texts match is kept.
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ ROOT = HERE.parents[1]
 OUT = ROOT / "data" / "demo" / "extension.parquet"
 TOKENIZER = ROOT / "models" / "passkey-llama-256"
 SHAKESPEARE = ROOT / "data" / "external" / "shakespeare"
-TEXTS_SHA256 = "a7f7d93a5c99cf51aba106d6ebacf12910bfcf694d86dd17868f5d2fe6fcdaaf"
-"""sha256 over the texts (each UTF-8, then a NUL): the corpus the shipped figures used."""
+RECORD = TOKENIZER / "corpus.json"
+"""The digest of the corpus the shipped figures used (texts_digest)."""
+
+
+def expected_digest() -> str:
+    import json
+
+    return json.loads(RECORD.read_text())["texts_sha256"]
 
 
 def texts_digest(texts: list[str]) -> str:
+    """sha256 over the texts, each UTF-8 then a NUL."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
@@ -79,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--any-digest", action="store_true",
                    help="accept texts other than those the shipped figures used (a new recipe)")
     args = p.parse_args(argv)
-    if args.out.exists() and not args.force and texts_digest(read_texts(args.out)) == TEXTS_SHA256:
+    want = expected_digest()
+    if args.out.exists() and not args.force and texts_digest(read_texts(args.out)) == want:
         print(f"{args.out}: present, the expected texts")
         return 0
     texts = make_texts()
     got = texts_digest(texts)
-    if got != TEXTS_SHA256 and not args.any_digest:
+    if got != want and not args.any_digest:
         raise SystemExit(f"demo corpus: the texts made here (sha256 {got}) differ from those the "
-                         f"shipped figures used ({TEXTS_SHA256}): a different `shakespeare` "
-                         "package or tokenizer? (--any-digest writes them anyway)")
+                         f"shipped figures used ({want}, {RECORD.relative_to(ROOT)}): a different "
+                         "`shakespeare` package or tokenizer? (--any-digest writes them anyway)")
     write(texts, args.out)
     print(f"{args.out}: {len(texts):,} documents, {args.out.stat().st_size:,} bytes")
     return 0

@@ -4,9 +4,10 @@ Run after `python studies/extension/run.py --scale demo --until pretrain` (the s
 own pretraining recipe with the demo's model shape). It
 1. copies the pretrained folder (runs-demo/base: safetensors, tokenizer, config) to
    models/passkey-llama-256/;
-2. writes the extension corpus (runs-demo/corpus/extension.jsonl, the study's recipe:
-   Shakespeare chunks and pass-key documents of 112-1,000 tokens) as
-   data/demo/extension.parquet;
+2. records the sha256 of the extension corpus (runs-demo/corpus/extension.jsonl, the
+   study's recipe: Shakespeare chunks and pass-key documents of 128-1,000 tokens) in
+   models/passkey-llama-256/corpus.json; `make demo` makes the same corpus again
+   (demo_corpus.py) and checks it against that digest (the texts are not shipped);
 3. measures the model's NIAH accuracy with the evaluate stage (the demo recipe's
    evaluate settings, more needles) and writes the model card, models/passkey-llama-256/README.md,
    with the command, config, size, training tokens and those numbers.
@@ -25,7 +26,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 NAME = "passkey-llama-256"
 MODEL = ROOT / "models" / NAME
-CORPUS = ROOT / "data" / "demo" / "extension.parquet"
 RUNS = HERE / "runs-demo"
 CARD_LENGTHS = [256, 512, 768, 1024]
 CARD_DEPTHS, CARD_NEEDLES = 11, 10
@@ -48,24 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     for name in MODEL_FILES:
         if (base / name).exists():
             shutil.copy2(base / name, tmp / name)
-    write_corpus(RUNS / "corpus" / "extension.jsonl", CORPUS)
+    record_corpus(RUNS / "corpus" / "extension.jsonl", tmp / "corpus.json")
     niah = measure(tmp, args.threads)
     (tmp / "README.md").write_text(card(tmp, niah))
     shutil.rmtree(MODEL, ignore_errors=True)
     tmp.rename(MODEL)
     print(f"{MODEL.relative_to(ROOT)}: {', '.join(sorted(p.name for p in MODEL.iterdir()))}")
-    print(f"{CORPUS.relative_to(ROOT)}: {CORPUS.stat().st_size:,} bytes")
     return 0
 
 
-def write_corpus(src: Path, out: Path) -> None:
-    """The extension corpus as Parquet (one `text` column, zstd): 4.6 MB of JSONL in 0.9 MB."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def record_corpus(src: Path, out: Path) -> None:
+    """What `make demo`'s corpus must be (demo_corpus.py checks it): the sha256 of the
+    study's extension corpus texts, which demo_corpus.py makes again from the same
+    recipe, Shakespeare package and tokenizer."""
+    from demo_corpus import texts_digest
 
     texts = [json.loads(line)["text"] for line in open(src) if line.strip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": texts}), out, compression="zstd", compression_level=19)
+    out.write_text(json.dumps({"documents": len(texts), "texts_sha256": texts_digest(texts),
+                               "made_by": "studies/extension/demo_corpus.py"}, indent=1) + "\n")
 
 
 def card_config():
