@@ -80,9 +80,15 @@ def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> 
     shared = dict(cfg=cfg, store=store, runtime=runtime, slots=slots, documents=out["ingest"],
                   analysis=out.get("analyze"), replay=replay)
     names = ["base", *cfg.compare.methods]
+    # each method's own recipe (its build method, samples and steps), made here and not in
+    # the branch threads: reading the model's shape may build a tokenizer, and
+    # transformers' lazy imports are not safe in two threads at once
+    budgets = method_budgets(cfg)
+    recipes = {m: method_config(cfg, m, budgets[m]) for m in cfg.compare.methods}
     with ThreadPoolTaskRunner(max_workers=len(slots.devices)) as runner:
         futures = [runner.submit(branch.with_options(task_run_name=f"branch-{name}"),
-                                 {"name": name, **shared}) for name in names]
+                                 {"name": name, **shared, "cfg": recipes.get(name, cfg)})
+                   for name in names]
         done = dict(zip(names, (f.result() for f in futures), strict=True))
     for method in cfg.compare.methods:
         out[f"samples-{method}"], out[f"model-{method}"] = done[method]["samples"], done[method]["model"]
@@ -97,8 +103,8 @@ def compare_methods(cfg: PipelineConfig, store: str, runtime: RuntimeConfig) -> 
 def branch(name: str, cfg: PipelineConfig, store: str, runtime: RuntimeConfig, slots: DeviceSlots,
            documents: dict, analysis: dict | None, replay: dict | None) -> dict[str, dict]:
     """One branch on a free device: the base model's evaluation (`base`), or one method's
-    samples, training (annealing and merging) and evaluation. Each stage is its own
-    cached task."""
+    samples, training (annealing and merging) and evaluation, `cfg` being that method's
+    recipe (longrecipe.budget.method_config). Each stage is its own cached task."""
     t = stages.for_store(store)
     about = publish.about(cfg.name, cfg.model.source, name)
     with slots.take() as device:
@@ -109,11 +115,10 @@ def branch(name: str, cfg: PipelineConfig, store: str, runtime: RuntimeConfig, s
         if name == "base":
             return {"evaluation": t["evaluate"].with_options(task_run_name=f"evaluate-base{at}")(
                 cfg.evaluate, {"base": cfg.model}, documents, **common)}
-        mcfg = method_config(cfg, name, method_budgets(cfg)[name])  # its samples and steps
         samples = t["build"].with_options(task_run_name=f"build-{name}{at}")(
-            mcfg.build, documents, analysis if name == "longrecipe" else None, **common)
+            cfg.build, documents, analysis if name == "longrecipe" else None, **common)
         model = trained = t["train"].with_options(task_run_name=f"train-{name}{at}")(
-            mcfg.train, samples, cfg.model, **common,
+            cfg.train, samples, cfg.model, **common,
             analysis=analysis if cfg.train.loss_weights else None)
         if cfg.compare.through == "merge":
             annealed = t["anneal"].with_options(task_run_name=f"anneal-{name}{at}")(

@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the comparison with the compare flow (prefect) or by calling the "
                         "same library stage functions in the flow's order (library: for machines "
                         "without Prefect's server stack, e.g. an offline GPU box)")
+    p.add_argument("--base", metavar="DIR",
+                   help="use this pretrained model folder (e.g. models/passkey-llama-256, the demo "
+                        "base made by --scale demo) instead of pretraining: prepare takes its "
+                        "tokenizer, pretrain only copies it and runs the gate")
     p.add_argument("--runs", help="working folder (default: runs/ or runs-gpu/ beside run.py)")
     p.add_argument("--results", help="where summarize writes (default: results/ or results-gpu/)")
     p.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
@@ -209,7 +213,12 @@ def step_prepare(args) -> None:
     from transformers import AutoTokenizer
 
     tok_dir = RUNS / "tokenizer"
-    done = [tok_dir / "tokenizer.json", CORPUS / "pretrain.jsonl", CORPUS / "extension.jsonl"]
+    if args.base and not (tok_dir / "tokenizer.json").exists():  # the base's own tokenizer
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(Path(args.base) / name, tok_dir / name)
+    done = [tok_dir / "tokenizer.json", CORPUS / "extension.jsonl"]
+    done += [] if args.base else [CORPUS / "pretrain.jsonl"]
     chunks = [] if all(p.exists() for p in done) else _shakespeare()
     if not (tok_dir / "tokenizer.json").exists():
         tmp = RUNS / "tokenizer.tmp"
@@ -217,7 +226,7 @@ def step_prepare(args) -> None:
         train_tokenizer(chunks + noise_passkey_texts(500, SEED) + number_texts(400, SEED), VOCAB, tmp)
         tmp.rename(tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    if not (INIT / "config.json").exists():
+    if not args.base and not (INIT / "config.json").exists():
         tmp = RUNS / "init.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tok_dir, tmp)
@@ -227,7 +236,7 @@ def step_prepare(args) -> None:
     # Held-out Shakespeare (perplexity, retention) is never seen in pretraining either.
     train_chunks = [c for c in chunks if not heldout_by_ingest(c, heldout_fraction)]
     chunk_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in train_chunks]
-    if not (CORPUS / "pretrain.jsonl").exists():
+    if not args.base and not (CORPUS / "pretrain.jsonl").exists():
         write_jsonl(CORPUS / "pretrain.jsonl", _pretrain_windows(tok, chunk_ids))
         log(f"{repo_path(CORPUS / 'pretrain.jsonl')}: "
             f"{len(read_jsonl(CORPUS / 'pretrain.jsonl'))} windows of {WINDOW} tokens")
@@ -336,12 +345,16 @@ def step_pretrain(args) -> None:
     cfg = _pretrain_cfg()
     store = ArtifactStore(STORE)
     rt = RuntimeConfig(device=S.device, threads=args.threads, progress=False)
-    docs = run_ingest(cfg.ingest, cfg.model, store, rt)
-    samples = run_build(cfg.build, docs, None, store, rt)
-    model = run_train(cfg.train, samples, cfg.model, store, rt)
-    log(f"pretrained: train/{model.key} loss {model.info.get('final_loss'):.3f} "
-        f"in {model.info.get('steps')} steps")
-    folder = model.path / "files" / "model"
+    if args.base:  # pretrained elsewhere: copied, then checked by the same gate
+        folder = Path(args.base)
+        log(f"base: {folder} (not pretrained here)")
+    else:
+        docs = run_ingest(cfg.ingest, cfg.model, store, rt)
+        samples = run_build(cfg.build, docs, None, store, rt)
+        model = run_train(cfg.train, samples, cfg.model, store, rt)
+        log(f"pretrained: train/{model.key} loss {model.info.get('final_loss'):.3f} "
+            f"in {model.info.get('steps')} steps")
+        folder = model.path / "files" / "model"
     if BASE.exists() and _same_files(BASE, folder):
         pass
     else:
