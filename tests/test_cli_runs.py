@@ -115,16 +115,27 @@ def test_finding_3_ctrl_c_exits_130_at_once_and_no_server_outlives_the_cli(tmp_p
     assert list(store.glob("train/*.partial")) and list(store.glob("train/*.scratch/ckpt-*"))
     assert not list(ArtifactStore(store).iter_refs("train"))
 
+    first_ckpt = sorted(store.glob("train/*.scratch/ckpt-*"))[-1]
+    first = first_ckpt.name
+    before = json.loads((first_ckpt / "state.json").read_text())["metrics"]
     proc = subprocess.Popen(_args(store, *extra), cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        first = sorted(store.glob("train/*.scratch/ckpt-*"))[-1].name
         deadline = time.monotonic() + 300
-        while (newest := sorted(p.name for p in store.glob("train/*.scratch/ckpt-*"))[-1:]) in ([], [first]):
+        while True:  # a checkpoint after `first`, complete (state.json is written last)
+            later = [p for p in sorted(store.glob("train/*.scratch/ckpt-*")) if p.name > first]
+            try:
+                after = json.loads((later[-1] / "state.json").read_text())["metrics"] if later else None
+            except (OSError, ValueError):  # removed or half-renamed between glob and read
+                after = None
+            if after is not None:
+                break
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        step = int(first.split("-")[1])
-        assert newest == [f"ckpt-{step + 1:08d}"], (first, newest)  # resumed, not restarted
+        # resumed, not restarted: the steps before the kill are carried over as they were
+        # (their wall times included), not computed again (checkpoints are rotated, so
+        # the next one seen may be a few steps later on a busy machine)
+        assert after[: len(before)] == before and len(after) > len(before), (first, len(after))
         servers = [p for p in _server_pids(home) if _alive(p)]
         assert len(servers) == 1
         os.kill(proc.pid, signal.SIGKILL)  # the CLI only, not its group
