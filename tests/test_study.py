@@ -256,3 +256,26 @@ def test_across_seeds_tabulates_each_run_with_mean_and_range(tmp_path):
     assert "| LongRecipe - PoSE | +10.0 | -4.0 | +3.0 | -4.0 to +10.0 |" in text
     assert "| LongRecipe / PoSE | 1.100 | 0.960 | 1.030 | 0.960 to 1.100 |" in text
     assert "| PoSE | - | - | - | - |" in text  # a variant no run measured
+
+
+@pytest.mark.integration
+def test_base_option_prepares_from_the_shipped_model_without_pretraining(tmp_path):
+    """`run.py --base DIR` (what `make study` runs): the base's tokenizer, no pretraining
+    corpus, and the extension corpus `make demo` checks (same digest)."""
+    import json
+    import subprocess
+
+    if not any((ROOT / "data/external/shakespeare").glob("*.txt")):
+        pytest.skip("needs `longrecipe data fetch shakespeare`")
+    runs = tmp_path / "runs"
+    base = ROOT / "models" / "passkey-llama-256"
+    r = subprocess.run([sys.executable, str(STUDY / "run.py"), "--scale", "demo", "--base", str(base),
+                        "--runs", str(runs), "--until", "prepare"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (runs / "tokenizer" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert not (runs / "corpus" / "pretrain.jsonl").exists() and not (runs / "init").exists()
+    import demo_corpus
+
+    texts = [json.loads(line)["text"] for line in open(runs / "corpus" / "extension.jsonl")]
+    assert demo_corpus.texts_digest(texts) == demo_corpus.expected_digest()
