@@ -14,6 +14,7 @@ from pathlib import Path
 from longrecipe.artifacts import ArtifactRef
 from longrecipe.config import ModelSpec
 from longrecipe.models import ModelError, ModelSource, resolve
+from longrecipe.progress import quiet_hf as quiet_transformers  # noqa: F401 (train, anneal, merge)
 
 
 def as_source(model: ModelSpec | ModelSource | ArtifactRef) -> ModelSource:
@@ -92,17 +93,3 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own load/save bars inside a stage (the stage shows its own)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
