@@ -166,7 +166,7 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
 
     torch.manual_seed(optim.seed)
     stream = SampleStream(samples, optim.seed, weights)
-    weight_sum, weight_labels = 0.0, 0
+    weight_sum, weight_labels = torch.zeros((), dtype=torch.float64), 0  # read once at the end
     model.train()
     model.config.use_cache = False
     if optim.gradient_checkpointing:
@@ -224,7 +224,7 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
                     acc.backward(nll * scale)
                 nll_sum += nll.detach()
                 if b.weights is not None:
-                    weight_sum += float(b.weights.sum())
+                    weight_sum = weight_sum.to(b.weights.device) + b.weights.sum().double()
                     weight_labels += b.n_labels
             assert acc.sync_gradients, "micro-batches out of step with gradient accumulation"
             grad_norm = acc.clip_grad_norm_(params, max_norm)
@@ -260,7 +260,7 @@ def fit(model, samples: ArtifactRef, optim: OptimConfig, w: StageWriter, runtime
             if runtime.kill_at_step == state.step and acc.is_main_process:
                 os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a hard kill mid-run
     return FitResult(model, state.metrics, float(sched.get_last_lr()[0]), resumed_from,
-                     weight_sum / weight_labels if weight_labels else 1.0)
+                     float(weight_sum) / weight_labels if weight_labels else 1.0)
 
 
 def check_window(micro: list[list[Sample]], window: int, samples: ArtifactRef) -> None:
