@@ -189,7 +189,8 @@ SMOKE = [
 @pytest.mark.integration
 def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
     """`run.py` in miniature through the compare flow: prepare, pretrain, both comparisons,
-    summarize; a second run finds every stage in the store and makes nothing new."""
+    round 2, summarize; a second run finds every stage in the store and makes nothing new,
+    and so does a third through the library engine."""
     import json
     import subprocess
 
@@ -199,8 +200,8 @@ def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
     cmd = [sys.executable, str(STUDY / "run.py"), "--no-gate", "--runs", str(runs),
            "--results", str(results), *SMOKE]
 
-    def run() -> tuple[str, set[str]]:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    def run(*extra: str) -> tuple[str, set[str]]:
+        r = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout, {str(p.relative_to(runs)) for p in (runs / "store").glob("*/*")}
 
@@ -230,6 +231,13 @@ def test_the_study_runs_end_to_end_and_reruns_from_its_store(tmp_path):
     assert artifacts2 == artifacts  # nothing recomputed under a new key
     assert json.loads((runs / "evaluations-merge.json").read_text()) == record
 
+    # The library engine (for machines without Prefect's server) asks for the very same
+    # artifacts, round 2 included: every key is found, none is made.
+    out3, artifacts3 = run("--engine", "library", "--until", "round2")
+    assert artifacts3 == artifacts
+    assert json.loads((runs / "evaluations-merge.json").read_text()) == record
+    assert json.loads((runs / "evaluations-round2.json").read_text()) == round2
+
 
 def test_across_seeds_tabulates_each_run_with_mean_and_range(tmp_path):
     import json
@@ -256,6 +264,40 @@ def test_across_seeds_tabulates_each_run_with_mean_and_range(tmp_path):
     assert "| LongRecipe - PoSE | +10.0 | -4.0 | +3.0 | -4.0 to +10.0 |" in text
     assert "| LongRecipe / PoSE | 1.100 | 0.960 | 1.030 | 0.960 to 1.100 |" in text
     assert "| PoSE | - | - | - | - |" in text  # a variant no run measured
+
+
+def test_across_seeds_tabulates_round2_with_each_seeds_interval(tmp_path):
+    """Round 2 across seeds: each setting's accuracy, its paired difference with the
+    seed's own 95% interval and how many seeds' intervals exclude zero, FLOPs against
+    full-length training, and the share of answers kept with their needle."""
+    import json
+
+    import summarize
+
+    def run(folder: str, seed: int, acc: float, d: tuple[float, float, float], paired: int) -> Path:
+        out = tmp_path / folder
+        out.mkdir()
+        diff = dict(zip(("diff", "lo", "hi"), d, strict=True))
+        (out / "results.json").write_text(json.dumps({
+            "label": f"seed {seed}", "niah": {"full/train@pooled": {"acc": 0.7}},
+            "differences": {}, "perplexity": {"base@1024": {}}, "perplexity_ratios": {},
+            "costs": [{"method": "full", "through": "train", "flops": 4e12}],
+            "round2": {"longrecipe@full-flops": {
+                "method": "longrecipe", "steps": 600, "flops": 4e12, "seconds": 400.0, "acc": acc,
+                "vs_full": diff, "vs_longrecipe": None,
+                "pairs": {"samples": 100, "answers": 40, "paired": paired}}},
+        }))
+        return out
+
+    folders = [run("a", 1, 0.9, (0.15, 0.10, 0.20), 10), run("b", 2, 0.8, (0.05, -0.01, 0.11), 30)]
+    text = summarize.across_seeds(folders, tmp_path / "out")
+    assert "| full (FLT) (equal steps) | 70.0 | 70.0 | 70.0 | 70.0 to 70.0 |" in text
+    assert "| longrecipe@full-flops | 90.0 | 80.0 | 85.0 | 80.0 to 90.0 |" in text
+    assert ("| longrecipe@full-flops | +15.0 [+10.0, +20.0] | +5.0 [-1.0, +11.0] | +10.0 | "
+            "1 above 0, 0 below 0 of 2 |") in text
+    assert "| longrecipe@full-flops | 1.00 | 1.00 | 1.00 | 1.00 to 1.00 |" in text  # FLOPs
+    assert "| longrecipe@full-flops | 25 | 75 | 50 | 25 to 75 |" in text  # answers with needle
+    assert (tmp_path / "out" / "round2_seeds.png").stat().st_size > 0
 
 
 @pytest.mark.integration

@@ -396,6 +396,7 @@ def step_round2(args) -> None:
         raise SystemExit(f"--round2: unknown setting {unknown[0]!r}; choose from {', '.join(ROUND2)}")
     store = ArtifactStore(STORE)
     record = {}
+    (RUNS / "evaluations-round2.json").unlink(missing_ok=True)
     for name in names:
         mine = [_for_setting(o, name) for o in args.set_round2 if _for_setting(o, name)]
         overrides = ["compare.through=train", *ROUND2[name], *mine]
@@ -406,7 +407,9 @@ def step_round2(args) -> None:
                         "samples": train.manifest["inputs"]["samples"],
                         "evaluation": out["evaluations"][-1]["key"]}
         log(f"round 2 {name}: train/{train.key}, {train.info.get('steps')} steps")
-    (RUNS / "evaluations-round2.json").write_text(json.dumps(record, indent=1) + "\n")
+        # after each setting, so that a run cut short can still be summarized; only this
+        # run's settings, so that no other seed's record is mixed in
+        (RUNS / "evaluations-round2.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _for_setting(override: str, name: str) -> str | None:

@@ -389,9 +389,93 @@ def across_seeds(folders: list[Path], out: Path) -> str:
                           [r["perplexity_ratios"][k]["ratio"] if k in r["perplexity_ratios"] else None
                            for _, r in runs], ".3f"))
     out.mkdir(parents=True, exist_ok=True)
+    if any(r.get("round2") for _, r in runs):
+        md += round2_across(runs, head, row)
+        plot_round2_seeds(runs, out / "round2_seeds.png")
     text = "\n".join(md) + "\n"
     (out / "seeds.md").write_text(text)
     return text
+
+
+def round2_across(runs: list[tuple[str, dict]], head: str, row) -> list[str]:
+    """seeds.md's round-2 tables: per setting and seed, NIAH beyond the window, the paired
+    differences with their 95% intervals, FLOPs against full-length training, and the
+    share of pass-key answers whose needle is in the same sample."""
+    names = list(dict.fromkeys(n for _, r in runs for n in r.get("round2", {})))
+
+    def full_flops(r: dict) -> float | None:
+        return next((c["flops"] for c in r["costs"] if c["method"] == "full" and c["through"] == "train"),
+                    None)
+
+    def get(r: dict, name: str) -> dict | None:
+        return r.get("round2", {}).get(name)
+
+    def diff_row(name: str, against: str) -> str:
+        ds = [(get(r, name) or {}).get(against) for _, r in runs]
+        cells = " | ".join("-" if d is None else
+                           f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" for d in ds)
+        got = [100 * d["diff"] for d in ds if d]
+        if not got:
+            return f"| {name} | {cells} | - | - |"
+        above = sum(d["lo"] > 0 for d in ds if d)
+        below = sum(d["hi"] < 0 for d in ds if d)
+        return (f"| {name} | {cells} | {sum(got) / len(got):+.1f} | {above} above 0, {below} below 0 "
+                f"of {len(got)} |")
+
+    md = ["", "## Round 2: NIAH accuracy pooled over 512-1,024, %", "", head]
+    for v in ("full/train", "pose/train", "longrecipe/train"):
+        md.append(row(label(v) + " (equal steps)",
+                      [100 * r["niah"][f"{v}@pooled"]["acc"] if f"{v}@pooled" in r["niah"] else None
+                       for _, r in runs], ".1f"))
+    for n in names:
+        md.append(row(n, [100 * g["acc"] if (g := get(r, n)) and g["acc"] is not None else None
+                          for _, r in runs], ".1f"))
+    seeds_head = head.replace("| mean | range |", "| mean | seeds whose 95% CI is |")
+    for against, title in (("vs_full", "full-length training"), ("vs_longrecipe", "LongRecipe")):
+        md += ["", f"## Round 2: paired NIAH difference against {title} at equal steps, points "
+               "[bootstrap 95% CI over prompts]", "", seeds_head]
+        md += [diff_row(n, against) for n in names]
+    md += ["", "## Round 2: FLOPs against full-length training at equal steps", "", head]
+    for n in names:
+        md.append(row(n, [g["flops"] / f if (g := get(r, n)) and (f := full_flops(r)) else None
+                          for _, r in runs], ".2f"))
+    md += ["", "## Round 2: training seconds (stage 0)", "", head]
+    for n in names:
+        md.append(row(n, [g["seconds"] if (g := get(r, n)) else None for _, r in runs], ".0f"))
+    md += ["", "## Round 2: pass-key answers in the samples that keep their needle, %", "", head]
+    for n in names:
+        md.append(row(n, [100 * g["pairs"]["paired"] / g["pairs"]["answers"]
+                          if (g := get(r, n)) and g["pairs"]["answers"] else None for _, r in runs], ".0f"))
+    return md
+
+
+def plot_round2_seeds(runs: list[tuple[str, dict]], path: Path) -> None:
+    """Each round-2 setting's NIAH accuracy beyond the window: one dot per seed, a bar
+    at the mean, beside the equal-steps full-length and LongRecipe runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[float]] = {}
+    refs = {label(v) for v in ("full/train", "pose/train", "longrecipe/train")}
+    for _, r in runs:
+        for v in ("full/train", "pose/train", "longrecipe/train"):
+            if f"{v}@pooled" in r["niah"]:
+                series.setdefault(label(v), []).append(100 * r["niah"][f"{v}@pooled"]["acc"])
+        for n, g in r.get("round2", {}).items():
+            if g["acc"] is not None:
+                series.setdefault(n, []).append(100 * g["acc"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (n, ys) in enumerate(series.items()):
+        ax.bar(i, sum(ys) / len(ys), 0.6, color="C1" if n in refs else "C0", alpha=0.5)
+        ax.plot([i] * len(ys), ys, "k.", ms=6)
+    ax.set_xticks(range(len(series)), list(series), rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("NIAH accuracy 512-1,024 (%)")
+    ax.set_title(f"Round 2 across {len(runs)} runs (dots: seeds, bars: mean)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
