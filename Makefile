@@ -51,7 +51,7 @@ bench: venv
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # The efficacy study (docs/study.md) on the shipped 256-token base: both rounds for each
-# of three training seeds, one after another in one store (about 65 minutes each on one
+# of three training seeds, one after another in one store (65-127 minutes each on one
 # thread; a rerun reads the store), then seeds.md across them.
 STUDY := $(BIN)/python studies/extension/run.py --scale demo --base models/passkey-llama-256 --threads 1
 STUDY_OUT := studies/extension/results-demo
