@@ -63,6 +63,7 @@ class RunSession:
             ensure_logging_setup()
 
             self._route_logs()
+            self._quiet_logging_errors()
             if self.server is not None:
                 timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
                 self.server.wait_ready(timeout)
@@ -118,6 +119,17 @@ class RunSession:
                 if console is not None:
                     h.addFilter(console)
                     self._undo.append(lambda h=h: h.removeFilter(console))
+
+    def _quiet_logging_errors(self) -> None:
+        """No logging errors on the console during the run. Prefect's API log worker reports
+        a failed POST /logs/ (a server that cannot write its database) on stderr when
+        logging.raiseExceptions is set, and ends that report without a newline
+        (prefect/logging/handlers.py, 3.x), so the CLI's "error: ..." line written next
+        was glued to it; the stdlib does the same for a log file on a full disk. What ends
+        the run is reported in one line and its traceback is in the log file."""
+        old = logging.raiseExceptions
+        logging.raiseExceptions = False
+        self._undo.append(lambda: setattr(logging, "raiseExceptions", old))
 
     def _server_line(self, line: str) -> None:
         with contextlib.suppress(OSError, ValueError):

@@ -282,3 +282,29 @@ def test_each_way_out_of_a_run_has_its_exit_code_and_one_line():
     for exc, code, text in cases:
         got_code, msg = _classify(exc, "/store")
         assert got_code == code and text in msg and "\n" not in msg, (exc, got_code, msg)
+
+
+def test_finding_11_no_logging_error_reaches_the_console_during_a_run(tmp_path, monkeypatch, capsys):
+    """Finding 11, seen again under load: with the database full, Prefect's API log worker
+    wrote "--- Error logging to API ---" and the server's 500 without a newline to stderr,
+    and the one "error: disk full ..." line was glued to its end. Prefect's real handler
+    runs here inside a session (an API URL is set, so no server starts)."""
+    import asyncio
+
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.runner import RunSession
+
+    class Refusing:
+        async def request(self, *args, **kwargs):
+            raise RuntimeError("Server error '500 Internal Server Error' for url '/logs/'")
+
+    worker = APILogWorker.__new__(APILogWorker)  # its queue thread is not needed to run one batch
+    worker._client = Refusing()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with RunSession(tmp_path / "home"):
+        asyncio.run(worker._handle_batch([b"{}"]))
+        logging_error = capsys.readouterr().err
+    asyncio.run(worker._handle_batch([b"{}"]))  # outside a session Prefect's report is back
+    assert logging_error == ""
+    assert "Error logging to API" in capsys.readouterr().err
